@@ -1,0 +1,24 @@
+"""ssmkit: Mamba's GPU kernels (selective scan, causal conv1d, decode steps) with no build step.
+
+Raw CUDA sources ship in the package and are compiled on first use by NVRTC through CuPy
+(``cupy.RawModule``), cached on disk. Every op takes CuPy arrays (GPU kernels), NumPy arrays
+(the float64 reference: the CPU path) or any DLPack array. ``ssmkit.torch`` holds autograd
+adapters with the upstream ``mamba_ssm`` / ``causal_conv1d`` signatures.
+
+Shape letters: B batch, D channels, L length, N state size, G groups, W conv width,
+H heads, P head dim.
+"""
+from __future__ import annotations
+
+from ._layout import checkout_extra_path as _checkout_extra_path
+
+# In a source checkout, ``reference/`` sits beside this package: make it ``ssmkit.reference``
+# (a wheel ships it inside the package).
+__path__.extend(_checkout_extra_path())  # type: ignore[name-defined]
+
+__version__ = "0.1.0"
+
+from .ops.linear_scan import linear_scan, linear_scan_bwd  # noqa: E402
+from ._warmup import warmup  # noqa: E402
+
+__all__ = ["linear_scan", "linear_scan_bwd", "warmup"]

@@ -1,0 +1,79 @@
+"""Which array library a call runs on, and dtype names that work across NumPy, CuPy and torch.
+
+NumPy arrays run on the float64 reference (the CPU path); CuPy arrays run the CUDA kernels.
+Anything else that speaks DLPack is viewed zero-copy as a CuPy array (CUDA device) or a NumPy
+array (CPU). Mixing array types or devices in one call is an error, never a silent copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+NUMPY = "numpy"
+CUPY = "cupy"
+
+# Storage dtypes kernels accept for activations, by name (bfloat16 has no NumPy builtin).
+FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+COMPLEX_NAMES = ("complex64", "complex128")
+
+
+def dtype_name(x: Any) -> str:
+    return str(np.dtype(x.dtype)) if not hasattr(x.dtype, "name") else x.dtype.name
+
+
+def _is_cupy(x) -> bool:
+    mod = type(x).__module__
+    return mod.startswith("cupy")
+
+
+def _is_numpy(x) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def backend_of(op: str, named: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Decide NumPy or CuPy for the arrays in ``named`` (None entries skipped).
+
+    Returns the backend and the arrays, DLPack-foreign ones converted zero-copy.
+    Raises TypeError for a mix of array types or a non-array, ValueError for a mix of devices.
+    """
+    kinds: dict[str, str] = {}
+    out: dict[str, Any] = {}
+    for name, x in named.items():
+        if x is None:
+            out[name] = None
+            continue
+        if _is_numpy(x):
+            kinds[name] = NUMPY
+        elif _is_cupy(x):
+            kinds[name] = CUPY
+        elif hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+            dev_type, _ = x.__dlpack_device__()
+            if int(dev_type) == 1:  # kDLCPU
+                x = np.from_dlpack(x)
+                kinds[name] = NUMPY
+            else:
+                import cupy
+
+                x = cupy.from_dlpack(x)
+                kinds[name] = CUPY
+        else:
+            raise TypeError(f"{op}: argument '{name}' must be a NumPy or CuPy array (or any DLPack "
+                            f"array), got {type(x).__name__}")
+        out[name] = x
+    found = set(kinds.values())
+    if len(found) > 1:
+        detail = ", ".join(f"{n}: {k}" for n, k in kinds.items())
+        raise TypeError(f"{op}: all arrays must be of one kind (all NumPy for the CPU reference or "
+                        f"all CuPy for the GPU); got {detail}")
+    backend = found.pop() if found else NUMPY
+    if backend == CUPY:
+        devices = {name: x.device.id for name, x in out.items() if x is not None}
+        if len(set(devices.values())) > 1:
+            detail = ", ".join(f"{n}: cuda:{d}" for n, d in devices.items())
+            raise ValueError(f"{op}: all arrays must be on one GPU; got {detail}")
+    return backend, out
+
+
+def is_complex(x) -> bool:
+    return dtype_name(x) in COMPLEX_NAMES

@@ -1,0 +1,2 @@
+"""Host code, one module per op: validation into a spec, kernel choice, launch."""
+from . import linear_scan  # noqa: F401
