@@ -32,7 +32,7 @@ except ImportError:
                                   ssu_problems)
 
 SETTINGS = settings(max_examples=200, deadline=None)
-EPS = 1e-4
+EPS = 3e-4   # Richardson step: truncation ~EPS**4, roundoff ~1e-16 |loss| / EPS
 RTOL = 1e-6
 
 
@@ -147,7 +147,7 @@ SCAN_GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial
 
 
 @SETTINGS
-@given(scan_problems(max_seqlen=24), st.booleans(), seeds())
+@given(scan_problems(), st.booleans(), seeds())
 def test_selective_scan_grad_fd(p, use_dlast, seed):
     rng = np.random.default_rng(seed)
     out, last = selective_scan(**p, return_last_state=True)
@@ -226,11 +226,9 @@ def test_selective_scan_by_hand():
     np.testing.assert_allclose(last[0, 0, 0], h, rtol=1e-14)
     # Complex A: y = 2 Re(C h).
     Ac = -1.0 + 2.0j
-    hc = dt * B * u
     out = selective_scan(np.full((1, 1, 1), u), np.full((1, 1, 1), dt), np.full((1, 1), Ac),
                          np.full((1, 1), B + 1j), np.full((1, 1), C - 2j))
     np.testing.assert_allclose(out[0, 0, 0], 2 * ((C - 2j) * (dt * (B + 1j) * u)).real, rtol=1e-14)
-    assert hc != 0
 
 
 # --------------------------------------------------------------------------- state update
