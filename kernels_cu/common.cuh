@@ -77,7 +77,7 @@ __device__ __forceinline__ float to_acc(f16 x) { return to_float(x); }
 template <typename R>
 struct complex {
     R re, im;
-    __device__ __forceinline__ complex() {}
+    complex() = default;
     __device__ __forceinline__ complex(R r) : re(r), im(0) {}
     __device__ __forceinline__ complex(R r, R i) : re(r), im(i) {}
 };

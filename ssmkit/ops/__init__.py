@@ -1,2 +1,4 @@
 """Host code, one module per op: validation into a spec, kernel choice, launch."""
 from . import linear_scan  # noqa: F401
+from . import selective_scan  # noqa: F401
+from . import selective_state_update  # noqa: F401

@@ -1,0 +1,296 @@
+// selective_state_update.cu: one decode step of the Mamba selective SSM, in place on the state.
+//
+// Head form (Mamba-1 is H = 1, P = D, G = 1; the host normalizes the shapes and strides):
+//   state (pool, H, P, N), x dt z out (B, H, P), A (H, P, N), B C (B, G, N), D dt_bias (H, P)
+//   dt' = dt + dt_bias; dt' = softplus(dt') if dt_softplus
+//   state = state * exp(A dt') + B (dt' x)         (in place, state row = indices[b] or b)
+//   out   = sum_n state C + D x;  out *= silu(z)   (out = 0 for a padding row, index < 0)
+//
+// Grid: 1-D. A "group" of `lanes` consecutive lanes (a power of two <= 32, so groups never
+// straddle a warp) owns one tile = kRows consecutive p of one (b, h). Within the group, lane i
+// owns state elements n = (c * lanes + i) * kVec + [0, kVec) for chunks c < n_chunks: one
+// 16-byte load/store of state per row and chunk when the host proves alignment (vec_state),
+// else strided scalar accesses with n < N masks. sum_n is reduced over the group with xor
+// shuffles. Block = 32..128 threads, chosen by the host so that small batches still spread
+// over every SM.
+//
+// No thread returns early: every lane of every warp reaches the shuffles with the full mask;
+// out-of-range groups/rows only switch their loads and stores off.
+//
+// kTie (Mamba-2 fast path): A, dt and dt_bias are constant along P (stride 0, as Mamba-2
+// passes them through expand): dt' and exp(A dt') are computed once per (b, h, n) and shared by
+// the tile's kRows rows, instead of once per (p, n).
+#include "scan.cuh"
+
+namespace ssm {
+
+struct SelectiveStateUpdateParams {
+    void* state;           // (pool, H, P, N) TState, updated in place
+    const void* x;         // (B, H, P) TIn
+    const void* dt;        // (B, H, P) TIn
+    const void* A;         // (H, P, N) weight type
+    const void* B;         // (B, G, N) TIn
+    const void* C;         // (B, G, N) TIn
+    const void* D;         // (H, P) weight type, or null
+    const void* z;         // (B, H, P) TIn, or null
+    const void* dt_bias;   // (H, P) weight type, or null
+    const void* indices;   // (B,) int32/int64, or null (state row b)
+    void* out;             // (B, H, P) TIn
+    int64_t batch, heads, headdim, dstate;
+    int64_t heads_per_group;  // H / G
+    int64_t pool;             // state rows; an index outside [0, pool) is a padding row
+    int64_t tiles_per_head;   // ceil(P / kRows)
+    int64_t total_groups;     // batch * heads * tiles_per_head
+    int64_t state_b, state_h, state_p, state_n;
+    int64_t x_b, x_h, x_p;
+    int64_t dt_b, dt_h, dt_p;
+    int64_t z_b, z_h, z_p;
+    int64_t out_b, out_h, out_p;
+    int64_t A_h, A_p, A_n;
+    int64_t B_b, B_g, B_n;
+    int64_t C_b, C_g, C_n;
+    int64_t D_h, D_p;
+    int64_t bias_h, bias_p;
+    int64_t idx_stride;
+    int32_t lanes;          // group size, power of two in [1, 32]
+    int32_t n_chunks;       // ceil(N / (lanes * kVec))
+    int32_t dt_softplus;
+    int32_t idx_is_int64;
+    int32_t vec_state;      // 1: state chunks are 16-byte aligned with unit stride along N
+    int32_t vec_A;          // 1: A chunks aligned (min(16, kVec * 4 or 8) bytes), unit stride
+    int32_t vec_B;          // 1: B chunks aligned (min(16, kVec * sizeof(TIn))), unit stride
+    int32_t vec_C;
+};
+
+// Weight type (A, D, dt_bias): fp32, fp64 with fp64 inputs.
+template <typename TIn> struct WeightOf { typedef float type; };
+template <> struct WeightOf<double> { typedef double type; };
+
+// exp(a * dt) as exp2 with dt pre-scaled by log2(e) once per row (one SFU op per element);
+// fp64 uses the accurate exp (tests compare fp64 at 1e-10).
+template <typename R> struct Exp;
+template <> struct Exp<float> {
+    __device__ __forceinline__ static float scale(float dt) { return dt * kLog2e; }
+    __device__ __forceinline__ static float of(float a, float scaled_dt) { return exp2_fast(a * scaled_dt); }
+};
+template <> struct Exp<double> {
+    __device__ __forceinline__ static double scale(double dt) { return dt; }
+    __device__ __forceinline__ static double of(double a, double dt) { return exp(a * dt); }
+};
+
+template <typename TState, typename TIn, int kTie>
+struct SsuTraits {
+    typedef typename Acc<TIn>::type acc_t;
+    typedef typename WeightOf<TIn>::type w_t;
+    // One 16-byte state access per row and chunk (4 fp32, 8 fp16/bf16, 2 fp64): the widest
+    // load; N = 16 fp32 is then 4 lanes per row. Mirrored by VEC_ELEMS in the host code.
+    static constexpr int kVec = 16 / (int)sizeof(TState);
+    // Rows (consecutive p) per group: 2 independent 16-byte state loads in flight per thread
+    // for the memory-bound large batches while batch 1 (D = 5120, N = 16: 2560 groups) still
+    // fills 132 SMs; the tied path shares dt' and exp(A dt') over its rows, so it takes 4.
+    // Mirrored by ROWS in the host code.
+    static constexpr int kRows = kTie ? 4 : 2;
+};
+
+// Host-chosen block sizes never exceed this (see the host's block table).
+constexpr int kMaxThreads = 128;
+
+// ---- vector access ------------------------------------------------------------------------
+struct alignas(16) Words16 { uint32_t w[4]; };
+struct alignas(8) Words8 { uint32_t w[2]; };
+
+// K elements of T at p, which the host proved aligned to min(16, K * sizeof(T)) bytes.
+template <typename T, int K>
+__device__ __forceinline__ void load_vec(const T* p, T (&v)[K]) {
+    constexpr int kBytes = K * (int)sizeof(T);
+    if constexpr (kBytes % 16 == 0) {
+        union { Words16 w[kBytes / 16]; T e[K]; } u;
+#pragma unroll
+        for (int i = 0; i < kBytes / 16; ++i) u.w[i] = reinterpret_cast<const Words16*>(p)[i];
+#pragma unroll
+        for (int i = 0; i < K; ++i) v[i] = u.e[i];
+    } else {
+        static_assert(kBytes == 8, "vector accesses are 8 or 16k bytes");
+        union { Words8 w; T e[K]; } u;
+        u.w = *reinterpret_cast<const Words8*>(p);
+#pragma unroll
+        for (int i = 0; i < K; ++i) v[i] = u.e[i];
+    }
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void store_vec(T* p, const T (&v)[K]) {
+    constexpr int kBytes = K * (int)sizeof(T);
+    static_assert(kBytes % 16 == 0, "state chunks are 16 bytes");
+    union { Words16 w[kBytes / 16]; T e[K]; } u;
+#pragma unroll
+    for (int i = 0; i < K; ++i) u.e[i] = v[i];
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) reinterpret_cast<Words16*>(p)[i] = u.w[i];
+}
+
+// K elements of T at p + i * stride, i < K, converted to the compute type R. `vec`: one wide
+// load (all K in range); else element loads, those with n0 + i >= N replaced by 0.
+template <typename T, int K, typename R>
+__device__ __forceinline__ void load_chunk(const T* p, int64_t stride, bool vec, int64_t n0, int64_t N,
+                                           R (&v)[K]) {
+    if (vec) {
+        T raw[K];
+        load_vec<T, K>(p, raw);
+#pragma unroll
+        for (int i = 0; i < K; ++i) v[i] = (R)to_acc(raw[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < K; ++i) v[i] = (n0 + i < N) ? (R)to_acc(p[i * stride]) : R(0);
+    }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------
+template <typename TState, typename TIn, int kTie>
+__global__ void __launch_bounds__(kMaxThreads) selective_state_update(const SelectiveStateUpdateParams p) {
+    typedef SsuTraits<TState, TIn, kTie> Tr;
+    typedef typename Tr::acc_t R;
+    typedef typename Tr::w_t W;
+    constexpr int kVec = Tr::kVec;
+    constexpr int kRows = Tr::kRows;
+
+    // -- thread -> (group, b, h, tile) -----------------------------------------------------
+    const int lanes = p.lanes;
+    const int lig = (int)threadIdx.x & (lanes - 1);  // lane within the group
+    const int64_t gid = (int64_t)blockIdx.x * (blockDim.x / lanes) + threadIdx.x / lanes;
+    const bool group_ok = gid < p.total_groups;
+    const int64_t g = group_ok ? gid : 0;  // keep the index math in range for idle groups
+    const int64_t bh = g / p.tiles_per_head;
+    const int64_t tile = g - bh * p.tiles_per_head;
+    const int64_t b = bh / p.heads;
+    const int64_t h = bh - b * p.heads;
+    const int64_t grp = h / p.heads_per_group;
+    const int64_t p0 = tile * kRows;
+    const int64_t N = p.dstate;
+
+    const TIn* xs = (const TIn*)p.x;
+    const TIn* dts = (const TIn*)p.dt;
+    const TIn* zs = (const TIn*)p.z;
+    const W* Ds = (const W*)p.D;
+    const W* biases = (const W*)p.dt_bias;
+
+    bool row_ok[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) row_ok[j] = group_ok && p0 + j < p.headdim;
+
+    // -- state row (a padding row is neither read nor written) --------------------------------
+    int64_t srow = b;
+    if (p.indices != nullptr && group_ok) {
+        srow = p.idx_is_int64 ? ((const int64_t*)p.indices)[b * p.idx_stride]
+                              : (int64_t)((const int32_t*)p.indices)[b * p.idx_stride];
+    }
+    const bool live = group_ok && srow >= 0 && srow < p.pool;
+
+    // -- per-row scalars ----------------------------------------------------------------------
+    auto dt_eff = [&](int64_t pp) -> R {
+        R d = to_acc(dts[b * p.dt_b + h * p.dt_h + pp * p.dt_p]);
+        if (biases != nullptr) d += (R)biases[h * p.bias_h + pp * p.bias_p];
+        if (p.dt_softplus) d = softplus(d);
+        return d;
+    };
+    R xv[kRows], dtx[kRows], dts_scaled[kRows], zv[kRows], Dv[kRows], acc[kRows];
+    R dt_tied = R(0);
+    if (kTie && row_ok[0]) dt_tied = dt_eff(p0);
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+        const int64_t pp = p0 + j;
+        xv[j] = R(0); dtx[j] = R(0); dts_scaled[j] = R(0); zv[j] = R(0); Dv[j] = R(0); acc[j] = R(0);
+        if (row_ok[j]) {
+            xv[j] = to_acc(xs[b * p.x_b + h * p.x_h + pp * p.x_p]);
+            if (zs != nullptr) zv[j] = to_acc(zs[b * p.z_b + h * p.z_h + pp * p.z_p]);
+            if (Ds != nullptr) Dv[j] = (R)Ds[h * p.D_h + pp * p.D_p];
+            const R d = kTie ? dt_tied : dt_eff(pp);
+            dtx[j] = d * xv[j];
+            dts_scaled[j] = Exp<R>::scale(d);
+        }
+    }
+
+    // -- state chunks: load everything, then update and store --------------------------------
+    if (live) {  // uniform within the group; no shuffles inside
+        TState* st = (TState*)p.state + srow * p.state_b + h * p.state_h;
+        const W* As = (const W*)p.A + h * p.A_h;
+        const TIn* Bs = (const TIn*)p.B + b * p.B_b + grp * p.B_g;
+        const TIn* Cs = (const TIn*)p.C + b * p.C_b + grp * p.C_g;
+        const bool vec_state = p.vec_state != 0;
+        for (int c = 0; c < p.n_chunks; ++c) {
+            const int64_t n0 = ((int64_t)c * lanes + lig) * kVec;
+            if (n0 >= N) break;
+            R Bv[kVec], Cv[kVec];
+            load_chunk<TIn, kVec, R>(Bs + n0 * p.B_n, p.B_n, p.vec_B != 0, n0, N, Bv);
+            load_chunk<TIn, kVec, R>(Cs + n0 * p.C_n, p.C_n, p.vec_C != 0, n0, N, Cv);
+            TState s_raw[kRows][kVec];
+            R a[kTie ? 1 : kRows][kVec];
+#pragma unroll
+            for (int j = 0; j < kRows; ++j) {
+                if (!row_ok[j]) continue;
+                const TState* sp = st + (p0 + j) * p.state_p + n0 * p.state_n;
+                if (vec_state) {
+                    load_vec<TState, kVec>(sp, s_raw[j]);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i)
+                        if (n0 + i < N) s_raw[j][i] = sp[i * p.state_n];
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < (kTie ? 1 : kRows); ++j) {
+                if (!row_ok[j]) continue;
+                load_chunk<W, kVec, R>(As + (p0 + j) * p.A_p + n0 * p.A_n, p.A_n, p.vec_A != 0, n0, N, a[j]);
+            }
+            if (kTie) {
+#pragma unroll
+                for (int i = 0; i < kVec; ++i) a[0][i] = Exp<R>::of(a[0][i], dts_scaled[0]);
+            }
+#pragma unroll
+            for (int j = 0; j < kRows; ++j) {
+                if (!row_ok[j]) continue;
+                TState s_new[kVec];
+#pragma unroll
+                for (int i = 0; i < kVec; ++i) {
+                    const R dA = kTie ? a[0][i] : Exp<R>::of(a[kTie ? 0 : j][i], dts_scaled[j]);
+                    const R s = (n0 + i < N) ? (R)to_acc(s_raw[j][i]) : R(0);
+                    const R sn = s * dA + Bv[i] * dtx[j];
+                    s_new[i] = Convert<TState>::from(sn);
+                    // Masked elements have Bv = Cv = 0 and s = 0: they add nothing.
+                    acc[j] += sn * Cv[i];
+                }
+                TState* sp = st + (p0 + j) * p.state_p + n0 * p.state_n;
+                if (vec_state) {
+                    store_vec<TState, kVec>(sp, s_new);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i)
+                        if (n0 + i < N) sp[i * p.state_n] = s_new[i];
+                }
+            }
+        }
+    }
+
+    // -- sum over the group's lanes (every lane of the warp takes part) ----------------------
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+        for (int m = lanes >> 1; m > 0; m >>= 1) acc[j] += shfl_xor(acc[j], m);
+    }
+
+    // -- output -----------------------------------------------------------------------------
+    if (lig == 0) {
+        TIn* outs = (TIn*)p.out;
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+            if (!row_ok[j]) continue;
+            R o = R(0);
+            if (live) {
+                o = acc[j] + Dv[j] * xv[j];
+                if (zs != nullptr) o *= silu(zv[j]);
+            }
+            outs[b * p.out_b + h * p.out_h + (p0 + j) * p.out_p] = Convert<TIn>::from(o);
+        }
+    }
+}
+
+}  // namespace ssm
