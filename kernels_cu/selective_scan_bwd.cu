@@ -43,13 +43,12 @@ template <typename R> __device__ __forceinline__ complex<R> conj_times(R dy, com
     return {R(2) * dy * h.re, -R(2) * dy * h.im};   // dC = 2 dy conj(h)
 }
 
-template <typename In, typename W, bool kVarB, bool kVarC, int kTileN>
+template <typename In, typename W, bool kVarB, bool kVarC>
 __global__ void __launch_bounds__(256, BwdMinBlocks<W>::value) selective_scan_bwd(const SelectiveScanParams p) {
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
     constexpr int T = kBwdItems;
-    typedef TileLayout<S, T> Tile;
 
     const int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
     const int tid = warp * 32 + lane, nthreads = warps * 32;
@@ -57,11 +56,9 @@ __global__ void __launch_bounds__(256, BwdMinBlocks<W>::value) selective_scan_bw
     const int64_t N = p.dstate, L = p.seqlen;
     const int64_t blk_k = blockIdx.x % p.blocks_per_group;
 
-    // Shared memory, in the order the host sizes it (ssmkit/ops/selective_scan.py, _bwd_smem).
+    // Shared memory, in the order the host sizes it (ssmkit/ops/selective_scan.py, bwd_smem).
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    S* Bs = (S*)smem_raw;
-    S* Cs = Bs + (kVarB ? kTileN * Tile::kRow : 0);
-    S* slices = Cs + (kVarC ? kTileN * Tile::kRow : 0);           // [2][2][warps][chunk]
+    S* slices = (S*)smem_raw;                                       // [2][2][warps][chunk]
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
     S* per_warp = slices + (n_var ? 2 * 2 * warps * kBwdChunk : 0);
     S* dX = per_warp + warp * N;                                    // adjoint carry per state
@@ -124,33 +121,33 @@ __global__ void __launch_bounds__(256, BwdMinBlocks<W>::value) selective_scan_bw
             ddl[i] = R(0);
             dD_lane += dy[i] * u[i];
         }
-        for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
-            const int nt = (int)min((int64_t)kTileN, N - n0);
-            if (kVarB || kVarC) {
-                __syncthreads();
-                for (int e = tid; e < nt * kBwdChunk; e += nthreads) {
-                    const int j = e / kBwdChunk, t = e % kBwdChunk;
-                    const int64_t tt = c0 + t;
-                    if (kVarB) Bs[Tile::index(j, t)] = tt < L ? Ld<S>::from(Bg[(n0 + j) * p.B_n + tt * p.B_l]) : S(0);
-                    if (kVarC) Cs[Tile::index(j, t)] = tt < L ? Ld<S>::from(Cg[(n0 + j) * p.C_n + tt * p.C_l]) : S(0);
-                }
-                __syncthreads();
-            }
-            for (int j = 0; j < nt; ++j) {
-                const int64_t n = n0 + j;
+        {
+            for (int64_t n = 0; n < N; ++n) {
                 S dBt[T], dCt[T];   // this warp's dB/dC contributions for (n, its steps)
                 if (m.active) {
                     const S Araw = A_row[n * p.A_n];
                     const S A2 = prescale(Araw);
                     S Bv[T], Cv[T];
-                    if (kVarB) load_smem_seg(Bs + Tile::index(j, lane * T), Bv);
-                    else { const S b = Bc[n * p.B_n];
+                    if (kVarB) {
+                        Vec<BCs, T> v;
+                        load_raw(Bg + n * p.B_n, p.B_l, t0, L, v);
 #pragma unroll
-                        for (int i = 0; i < T; ++i) Bv[i] = b; }
-                    if (kVarC) load_smem_seg(Cs + Tile::index(j, lane * T), Cv);
-                    else { const S cc = Cc[n * p.C_n];
+                        for (int i = 0; i < T; ++i) Bv[i] = Ld<S>::from(v.e[i]);
+                    } else {
+                        const S b = Bc[n * p.B_n];
 #pragma unroll
-                        for (int i = 0; i < T; ++i) Cv[i] = cc; }
+                        for (int i = 0; i < T; ++i) Bv[i] = b;
+                    }
+                    if (kVarC) {
+                        Vec<BCs, T> v;
+                        load_raw(Cg + n * p.C_n, p.C_l, t0, L, v);
+#pragma unroll
+                        for (int i = 0; i < T; ++i) Cv[i] = Ld<S>::from(v.e[i]);
+                    } else {
+                        const S cc = Cc[n * p.C_n];
+#pragma unroll
+                        for (int i = 0; i < T; ++i) Cv[i] = cc;
+                    }
                     // 1. forward replay
                     S dA[T], h[T];
                     S bt = S(0);

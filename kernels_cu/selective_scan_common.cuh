@@ -111,6 +111,24 @@ __device__ __forceinline__ void store_seg(T* row, int64_t stride, int64_t t0, in
     }
 }
 
+// Load kN consecutive raw elements of row[t0 ..) (element stride `stride`) into a vector;
+// positions at or past L read as zero bits (0.0 in every float type). Read-only path (ld.nc):
+// the warps of a block read the same variable B/C rows, so most of these hit L1.
+template <typename T, int kN>
+__device__ __forceinline__ void load_raw(const T* row, int64_t stride, int64_t t0, int64_t L, Vec<T, kN>& v) {
+    const T* p = row + t0 * stride;
+    if (stride == 1 && t0 + kN <= L && aligned16(p)) {
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)p + k);
+    } else {
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int i = 0; i < kN; ++i)
+            if (t0 + i < L) v.e[i] = p[i * stride];
+    }
+}
+
 // Shared-memory tile of B or C values: kTileN rows of one chunk, each lane's kItems-long
 // segment padded by one 16-byte word so a quarter-warp's 16-byte reads hit distinct banks.
 template <typename S, int kItems> struct TileLayout {

@@ -4,8 +4,10 @@
 //   y_t = sum_n C_t[n] h_t[n]  (2 Re(...) for complex A);  out = (y + D u) * silu(z)?
 //
 // Grid mapping: one warp per channel d; a block holds `warps` channels of one (batch, group),
-// so variable B/C tiles are staged in shared memory once per block instead of once per
-// channel (upstream re-reads all of B/C per channel). blockIdx.x -> (b, g, channel block).
+// so the warps of a block read the same variable B/C rows at about the same time and all but
+// the first hit L1 (upstream re-reads all of B/C from L2 per channel). A first version staged
+// B/C tiles in shared memory: its serialized tile fills made the forward 2x slower than
+// upstream (0.89 ms at b8 d1536 l2048 n16 bf16). blockIdx.x -> (b, g, channel block).
 // Each lane owns kItems consecutive steps of a chunk of 32*kItems steps. Per state n: every
 // lane folds its steps into one affine map, a warp scan composes the lanes' maps, and the lane
 // replays its steps from its entry state, accumulating y. One exp2 per (b, d, l, n): the floor.
@@ -25,10 +27,9 @@ template <typename W> struct FwdMinBlocks { static constexpr int value = 2; };
 template <> struct FwdMinBlocks<double> { static constexpr int value = 1; };
 template <typename R> struct FwdMinBlocks<complex<R>> { static constexpr int value = 1; };
 
-// Template parameters chosen by the host (ssmkit/ops/selective_scan.py, `_fwd_config`):
-//   kItems: steps per lane (chunk = 32 * kItems, a multiple of kSaveEvery / ... see host)
-//   kTileN: states per staged B/C tile in shared memory.
-template <typename In, typename W, bool kVarB, bool kVarC, int kItems, int kTileN>
+// kItems (steps per lane; chunk = 32 * kItems, a multiple of kSaveEvery) is chosen by the host
+// (ssmkit/ops/selective_scan.py, kernel_config).
+template <typename In, typename W, bool kVarB, bool kVarC, int kItems>
 __global__ void __launch_bounds__(256, FwdMinBlocks<W>::value) selective_scan_fwd(const SelectiveScanParams p) {
     typedef W S;
     typedef typename RealOf<W>::type R;
@@ -36,15 +37,11 @@ __global__ void __launch_bounds__(256, FwdMinBlocks<W>::value) selective_scan_fw
     constexpr int T = kItems;
     constexpr int kChunk = 32 * T;
     static_assert(kChunk % kSaveEvery == 0, "saved states must fall on chunk ends");
-    typedef TileLayout<S, T> Tile;
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    S* Bs = (S*)smem_raw;
-    S* Cs = Bs + (kVarB ? kTileN * Tile::kRow : 0);
-    S* carry_all = Cs + (kVarC ? kTileN * Tile::kRow : 0);
+    S* carry_all = (S*)smem_raw;     // [warps][N]: each warp's state carried between chunks
 
     const int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
-    const int tid = warp * 32 + lane, nthreads = warps * 32;
     const ChannelMap m(p, warp, warps);
     const int64_t N = p.dstate, L = p.seqlen;
     S* carry = carry_all + warp * N;
@@ -83,53 +80,36 @@ __global__ void __launch_bounds__(256, FwdMinBlocks<W>::value) selective_scan_fw
             y[i] = Dv * u[i];   // the skip term first: u is then dead, saving kItems registers
             sum_dl += dl[i];
         }
-        for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
-            const int nt = (int)min((int64_t)kTileN, N - n0);
-            if (kVarB || kVarC) {
-                __syncthreads();  // the previous tile is consumed
-                for (int e = tid; e < nt * kChunk; e += nthreads) {
-                    const int j = e / kChunk, t = e % kChunk;
-                    const int64_t tt = c0 + t;
-                    if (kVarB) Bs[Tile::index(j, t)] = tt < L ? Ld<S>::from(Bg[(n0 + j) * p.B_n + tt * p.B_l]) : S(0);
-                    if (kVarC) Cs[Tile::index(j, t)] = tt < L ? Ld<S>::from(Cg[(n0 + j) * p.C_n + tt * p.C_l]) : S(0);
+        if (m.active) {
+            // Variable B/C rows for state n+1 are loaded while state n computes (registers
+            // hold the raw 16-bit/32-bit words: 2 x kItems values).
+            Vec<BCs, T> nb, nc;
+            if (kVarB) load_raw(Bg, p.B_l, t0, L, nb);
+            if (kVarC) load_raw(Cg, p.C_l, t0, L, nc);
+            for (int64_t n = 0; n < N; ++n) {
+                const Vec<BCs, T> vb = nb, vc = nc;
+                if (n + 1 < N) {
+                    if (kVarB) load_raw(Bg + (n + 1) * p.B_n, p.B_l, t0, L, nb);
+                    if (kVarC) load_raw(Cg + (n + 1) * p.C_n, p.C_l, t0, L, nc);
                 }
-                __syncthreads();
-            }
-            if (!m.active) continue;
-            for (int j = 0; j < nt; ++j) {
-                const int64_t n = n0 + j;
                 const S A2 = prescale(A_row[n * p.A_n]);
-                S Bv[T];
-                if (kVarB) {
-                    load_smem_seg(Bs + Tile::index(j, lane * T), Bv);
-                } else {
-                    const S b = Bc[n * p.B_n];
-#pragma unroll
-                    for (int i = 0; i < T; ++i) Bv[i] = b;
-                }
+                const S bconst = kVarB ? S(0) : Bc[n * p.B_n];
                 S dA[T], bu[T];
                 S bt = S(0);
 #pragma unroll
                 for (int i = 0; i < T; ++i) {
                     dA[i] = gate(dl[i], A2);
-                    bu[i] = Bv[i] * dlu[i];
+                    bu[i] = (kVarB ? Ld<S>::from(vb.e[i]) : bconst) * dlu[i];
                     bt = dA[i] * bt + bu[i];
                 }
                 S at = gate(sum_dl, A2);   // the product of the lane's gates, in one exp
                 warp_exclusive_scan(at, bt, lane);
                 S h = at * carry[n] + bt;
-                S Cv[T];   // loaded after the scan: B and C are never live together
-                if (kVarC) {
-                    load_smem_seg(Cs + Tile::index(j, lane * T), Cv);
-                } else {
-                    const S c = Cc[n * p.C_n];
-#pragma unroll
-                    for (int i = 0; i < T; ++i) Cv[i] = c;
-                }
+                const S cconst = kVarC ? S(0) : Cc[n * p.C_n];
 #pragma unroll
                 for (int i = 0; i < T; ++i) {
                     h = dA[i] * h + bu[i];
-                    y[i] += readout(Cv[i], h);
+                    y[i] += readout(kVarC ? Ld<S>::from(vc.e[i]) : cconst, h);
                 }
                 if (p.saved_states && ((lane + 1) * T) % kSaveEvery == 0) {
                     const int64_t idx = (c0 + (lane + 1) * T) / kSaveEvery - 1;

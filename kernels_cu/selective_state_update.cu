@@ -85,34 +85,57 @@ struct SsuTraits {
     // One 16-byte state access per row and chunk (4 fp32, 8 fp16/bf16, 2 fp64): the widest
     // load; N = 16 fp32 is then 4 lanes per row. Mirrored by VEC_ELEMS in the host code.
     static constexpr int kVec = 16 / (int)sizeof(TState);
-    // Rows (consecutive p) per group: 2 independent 16-byte state loads in flight per thread
-    // for the memory-bound large batches while batch 1 (D = 5120, N = 16: 2560 groups) still
-    // fills 132 SMs; the tied path shares dt' and exp(A dt') over its rows, so it takes 4.
-    // Mirrored by ROWS in the host code.
-    static constexpr int kRows = kTie ? 4 : 2;
+    // Rows (consecutive p) per group = independent 16-byte state loads in flight per thread.
+    // fp32 state: 4 (96 registers on sm_90, 5 blocks of 128 per SM: 40 KB of state loads in
+    // flight per SM, above the ~30 KB that 4.3 TB/s x ~0.8 us needs); 2 rows would allow 7
+    // blocks at 72 registers but only 28 KB. 16-bit state: 2 (80 registers; 4 rows took 128).
+    // The tied path shares dt' and exp(A dt') over its rows: 4. Batch 1 (D = 5120, N = 16,
+    // 4 rows: 1280 groups of 4 lanes) still gives 160 one-warp blocks for 132 SMs.
+    // Mirrored by rows_per_group() in the host code.
+    static constexpr int kRows = (kTie || sizeof(TState) == 4) ? 4 : 2;
 };
 
 // Host-chosen block sizes never exceed this (see the host's block table).
 constexpr int kMaxThreads = 128;
 
 // ---- vector access ------------------------------------------------------------------------
-struct alignas(16) Words16 { uint32_t w[4]; };
-struct alignas(8) Words8 { uint32_t w[2]; };
+// Explicit PTX vector accesses: a 16-byte struct copy is not always emitted as one
+// st.global.v4 (it was split into four 4-byte stores), so the width is spelled out here.
+__device__ __forceinline__ void ld_global_16(const void* p, uint32_t (&w)[4]) {
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+__device__ __forceinline__ void ld_global_8(const void* p, uint32_t (&w)[2]) {
+    asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
+}
+__device__ __forceinline__ void st_global_16(void* p, const uint32_t (&w)[4]) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+}
+
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+    asm volatile("prefetch.global.L1 [%0];" :: "l"(p));
+}
 
 // K elements of T at p, which the host proved aligned to min(16, K * sizeof(T)) bytes.
 template <typename T, int K>
 __device__ __forceinline__ void load_vec(const T* p, T (&v)[K]) {
     constexpr int kBytes = K * (int)sizeof(T);
     if constexpr (kBytes % 16 == 0) {
-        union { Words16 w[kBytes / 16]; T e[K]; } u;
+        union { uint32_t w[kBytes / 4]; T e[K]; } u;
 #pragma unroll
-        for (int i = 0; i < kBytes / 16; ++i) u.w[i] = reinterpret_cast<const Words16*>(p)[i];
+        for (int i = 0; i < kBytes / 16; ++i) {
+            uint32_t w[4];
+            ld_global_16((const char*)p + 16 * i, w);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) u.w[4 * i + k] = w[k];
+        }
 #pragma unroll
         for (int i = 0; i < K; ++i) v[i] = u.e[i];
     } else {
         static_assert(kBytes == 8, "vector accesses are 8 or 16k bytes");
-        union { Words8 w; T e[K]; } u;
-        u.w = *reinterpret_cast<const Words8*>(p);
+        union { uint32_t w[2]; T e[K]; } u;
+        ld_global_8(p, u.w);
 #pragma unroll
         for (int i = 0; i < K; ++i) v[i] = u.e[i];
     }
@@ -121,28 +144,26 @@ __device__ __forceinline__ void load_vec(const T* p, T (&v)[K]) {
 template <typename T, int K>
 __device__ __forceinline__ void store_vec(T* p, const T (&v)[K]) {
     constexpr int kBytes = K * (int)sizeof(T);
-    static_assert(kBytes % 16 == 0, "state chunks are 16 bytes");
-    union { Words16 w[kBytes / 16]; T e[K]; } u;
+    static_assert(kBytes == 16, "state chunks are 16 bytes");
+    union { uint32_t w[4]; T e[K]; } u;
 #pragma unroll
     for (int i = 0; i < K; ++i) u.e[i] = v[i];
-#pragma unroll
-    for (int i = 0; i < kBytes / 16; ++i) reinterpret_cast<Words16*>(p)[i] = u.w[i];
+    st_global_16(p, u.w);
 }
 
-// K elements of T at p + i * stride, i < K, converted to the compute type R. `vec`: one wide
-// load (all K in range); else element loads, those with n0 + i >= N replaced by 0.
+// K elements of T at p + i * stride (all in range), converted to the compute type R. `vec`:
+// one wide load (the host proved the alignment), else K element loads.
 template <typename T, int K, typename R>
-__device__ __forceinline__ void load_chunk(const T* p, int64_t stride, bool vec, int64_t n0, int64_t N,
-                                           R (&v)[K]) {
+__device__ __forceinline__ void load_chunk(const T* p, int64_t stride, bool vec, R (&v)[K]) {
+    T raw[K];
     if (vec) {
-        T raw[K];
         load_vec<T, K>(p, raw);
-#pragma unroll
-        for (int i = 0; i < K; ++i) v[i] = (R)to_acc(raw[i]);
     } else {
 #pragma unroll
-        for (int i = 0; i < K; ++i) v[i] = (n0 + i < N) ? (R)to_acc(p[i * stride]) : R(0);
+        for (int i = 0; i < K; ++i) raw[i] = p[i * stride];
     }
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] = (R)to_acc(raw[i]);
 }
 
 // ---- the kernel -----------------------------------------------------------------------------
@@ -167,16 +188,8 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
     const int64_t grp = h / p.heads_per_group;
     const int64_t p0 = tile * kRows;
     const int64_t N = p.dstate;
-
-    const TIn* xs = (const TIn*)p.x;
-    const TIn* dts = (const TIn*)p.dt;
-    const TIn* zs = (const TIn*)p.z;
-    const W* Ds = (const W*)p.D;
-    const W* biases = (const W*)p.dt_bias;
-
-    bool row_ok[kRows];
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) row_ok[j] = group_ok && p0 + j < p.headdim;
+    // Rows of this tile inside P (all kRows but in the last tile of a head); 0 for idle groups.
+    const int nrows = group_ok ? (int)min((int64_t)kRows, p.headdim - p0) : 0;
 
     // -- state row (a padding row is neither read nor written) --------------------------------
     int64_t srow = b;
@@ -186,86 +199,102 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
     }
     const bool live = group_ok && srow >= 0 && srow < p.pool;
 
-    // -- per-row scalars ----------------------------------------------------------------------
+    // -- per-row scalars: dt' x and dt' (scaled for exp2) -------------------------------------
+    const TIn* xs = (const TIn*)p.x + b * p.x_b + h * p.x_h;
+    const TIn* dts = (const TIn*)p.dt + b * p.dt_b + h * p.dt_h;
+    const TIn* zs = (const TIn*)p.z;
+    const W* Ds = (const W*)p.D;
+    const W* biases = (const W*)p.dt_bias;
     auto dt_eff = [&](int64_t pp) -> R {
-        R d = to_acc(dts[b * p.dt_b + h * p.dt_h + pp * p.dt_p]);
+        R d = to_acc(dts[pp * p.dt_p]);
         if (biases != nullptr) d += (R)biases[h * p.bias_h + pp * p.bias_p];
         if (p.dt_softplus) d = softplus(d);
         return d;
     };
-    R xv[kRows], dtx[kRows], dts_scaled[kRows], zv[kRows], Dv[kRows], acc[kRows];
+    R dtx[kRows], dtl[kRows], acc[kRows];
     R dt_tied = R(0);
-    if (kTie && row_ok[0]) dt_tied = dt_eff(p0);
+    if (kTie && nrows > 0) dt_tied = dt_eff(p0);
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
         const int64_t pp = p0 + j;
-        xv[j] = R(0); dtx[j] = R(0); dts_scaled[j] = R(0); zv[j] = R(0); Dv[j] = R(0); acc[j] = R(0);
-        if (row_ok[j]) {
-            xv[j] = to_acc(xs[b * p.x_b + h * p.x_h + pp * p.x_p]);
-            if (zs != nullptr) zv[j] = to_acc(zs[b * p.z_b + h * p.z_h + pp * p.z_p]);
-            if (Ds != nullptr) Dv[j] = (R)Ds[h * p.D_h + pp * p.D_p];
+        dtx[j] = R(0); dtl[j] = R(0); acc[j] = R(0);
+        if (j < nrows) {
+            const R xv = to_acc(xs[pp * p.x_p]);
+            // z and D are needed only by the epilogue: pull them into L1 now, without holding
+            // registers across the state loop.
+            if ((j & (lanes - 1)) == lig) {  // the lane that writes row j's output
+                if (zs != nullptr) prefetch_l1(zs + b * p.z_b + h * p.z_h + pp * p.z_p);
+                if (Ds != nullptr) prefetch_l1(Ds + h * p.D_h + pp * p.D_p);
+            }
             const R d = kTie ? dt_tied : dt_eff(pp);
-            dtx[j] = d * xv[j];
-            dts_scaled[j] = Exp<R>::scale(d);
+            dtx[j] = d * xv;
+            dtl[j] = Exp<R>::scale(d);
         }
     }
 
-    // -- state chunks: load everything, then update and store --------------------------------
+    // -- state: new = s * exp(A dt') + B dt' x; acc += new * C ---------------------------------
     if (live) {  // uniform within the group; no shuffles inside
-        TState* st = (TState*)p.state + srow * p.state_b + h * p.state_h;
-        const W* As = (const W*)p.A + h * p.A_h;
+        TState* st = (TState*)p.state + srow * p.state_b + h * p.state_h + p0 * p.state_p;
+        const W* As = (const W*)p.A + h * p.A_h + p0 * p.A_p;
         const TIn* Bs = (const TIn*)p.B + b * p.B_b + grp * p.B_g;
         const TIn* Cs = (const TIn*)p.C + b * p.C_b + grp * p.C_g;
-        const bool vec_state = p.vec_state != 0;
-        for (int c = 0; c < p.n_chunks; ++c) {
-            const int64_t n0 = ((int64_t)c * lanes + lig) * kVec;
-            if (n0 >= N) break;
-            R Bv[kVec], Cv[kVec];
-            load_chunk<TIn, kVec, R>(Bs + n0 * p.B_n, p.B_n, p.vec_B != 0, n0, N, Bv);
-            load_chunk<TIn, kVec, R>(Cs + n0 * p.C_n, p.C_n, p.vec_C != 0, n0, N, Cv);
-            TState s_raw[kRows][kVec];
-            R a[kTie ? 1 : kRows][kVec];
+        if (p.vec_state) {
+            // Fast path: N % kVec == 0, one 16-byte state access per row and chunk. All loads of
+            // a chunk are issued before the first use.
+            const bool vec_A = p.vec_A != 0, vec_B = p.vec_B != 0, vec_C = p.vec_C != 0;
+            for (int c = 0; c < p.n_chunks; ++c) {
+                const int64_t n0 = ((int64_t)c * lanes + lig) * kVec;
+                if (n0 >= N) break;
+                TState s_raw[kRows][kVec];
 #pragma unroll
-            for (int j = 0; j < kRows; ++j) {
-                if (!row_ok[j]) continue;
-                const TState* sp = st + (p0 + j) * p.state_p + n0 * p.state_n;
-                if (vec_state) {
-                    load_vec<TState, kVec>(sp, s_raw[j]);
-                } else {
+                for (int j = 0; j < kRows; ++j)
+                    if (j < nrows) load_vec<TState, kVec>(st + j * p.state_p + n0, s_raw[j]);
+                R Bv[kVec], Cv[kVec];
+                load_chunk<TIn, kVec, R>(Bs + n0 * p.B_n, p.B_n, vec_B, Bv);
+                load_chunk<TIn, kVec, R>(Cs + n0 * p.C_n, p.C_n, vec_C, Cv);
+                R a[kTie ? 1 : kRows][kVec];
 #pragma unroll
-                    for (int i = 0; i < kVec; ++i)
-                        if (n0 + i < N) s_raw[j][i] = sp[i * p.state_n];
+                for (int j = 0; j < (kTie ? 1 : kRows); ++j)
+                    if (j < nrows) load_chunk<W, kVec, R>(As + j * p.A_p + n0 * p.A_n, p.A_n, vec_A, a[j]);
+                if (kTie) {
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i) a[0][i] = Exp<R>::of(a[0][i], dtl[0]);
+                }
+#pragma unroll
+                for (int j = 0; j < kRows; ++j) {
+                    if (j >= nrows) continue;
+                    TState s_new[kVec];
+#pragma unroll
+                    for (int i = 0; i < kVec; ++i) {
+                        const R dA = kTie ? a[0][i] : Exp<R>::of(a[kTie ? 0 : j][i], dtl[j]);
+                        const R sn = (R)to_acc(s_raw[j][i]) * dA + Bv[i] * dtx[j];
+                        s_new[i] = Convert<TState>::from(sn);
+                        acc[j] += sn * Cv[i];
+                    }
+                    store_vec<TState, kVec>(st + j * p.state_p + n0, s_new);
                 }
             }
-#pragma unroll
-            for (int j = 0; j < (kTie ? 1 : kRows); ++j) {
-                if (!row_ok[j]) continue;
-                load_chunk<W, kVec, R>(As + (p0 + j) * p.A_p + n0 * p.A_n, p.A_n, p.vec_A != 0, n0, N, a[j]);
-            }
-            if (kTie) {
-#pragma unroll
-                for (int i = 0; i < kVec; ++i) a[0][i] = Exp<R>::of(a[0][i], dts_scaled[0]);
-            }
-#pragma unroll
-            for (int j = 0; j < kRows; ++j) {
-                if (!row_ok[j]) continue;
-                TState s_new[kVec];
-#pragma unroll
+        } else {
+            // General strides or N % kVec != 0: one element at a time (correctness path).
+            for (int c = 0; c < p.n_chunks; ++c) {
+                const int64_t n0 = ((int64_t)c * lanes + lig) * kVec;
+#pragma unroll 1
                 for (int i = 0; i < kVec; ++i) {
-                    const R dA = kTie ? a[0][i] : Exp<R>::of(a[kTie ? 0 : j][i], dts_scaled[j]);
-                    const R s = (n0 + i < N) ? (R)to_acc(s_raw[j][i]) : R(0);
-                    const R sn = s * dA + Bv[i] * dtx[j];
-                    s_new[i] = Convert<TState>::from(sn);
-                    // Masked elements have Bv = Cv = 0 and s = 0: they add nothing.
-                    acc[j] += sn * Cv[i];
-                }
-                TState* sp = st + (p0 + j) * p.state_p + n0 * p.state_n;
-                if (vec_state) {
-                    store_vec<TState, kVec>(sp, s_new);
-                } else {
+                    const int64_t n = n0 + i;
+                    if (n >= N) break;
+                    const R Bn = to_acc(Bs[n * p.B_n]);
+                    const R Cn = to_acc(Cs[n * p.C_n]);
+                    R dA_tied = R(0);
+                    if (kTie) dA_tied = Exp<R>::of((R)As[n * p.A_n], dtl[0]);
 #pragma unroll
-                    for (int i = 0; i < kVec; ++i)
-                        if (n0 + i < N) sp[i * p.state_n] = s_new[i];
+                    for (int j = 0; j < kRows; ++j) {
+                        if (j >= nrows) continue;
+                        TState* sp = st + j * p.state_p + n * p.state_n;
+                        const R dA = kTie ? dA_tied : Exp<R>::of((R)As[j * p.A_p + n * p.A_n], dtl[j]);
+                        const R sn = (R)to_acc(*sp) * dA + Bn * dtx[j];
+                        *sp = Convert<TState>::from(sn);
+                        acc[j] += sn * Cn;
+                    }
                 }
             }
         }
@@ -277,18 +306,22 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
         for (int m = lanes >> 1; m > 0; m >>= 1) acc[j] += shfl_xor(acc[j], m);
     }
 
-    // -- output -----------------------------------------------------------------------------
-    if (lig == 0) {
-        TIn* outs = (TIn*)p.out;
+    // -- output: (sum_n state C + D x) silu(z), 0 for padding rows ----------------------------
+    // After the xor reduction every lane of the group holds every row's sum: lane j % lanes
+    // writes row j, so the epilogue runs on up to kRows lanes in parallel.
+    {
+        TIn* outs = (TIn*)p.out + b * p.out_b + h * p.out_h;
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
-            if (!row_ok[j]) continue;
+            if (j >= nrows || (j & (lanes - 1)) != lig) continue;
+            const int64_t pp = p0 + j;
             R o = R(0);
             if (live) {
-                o = acc[j] + Dv[j] * xv[j];
-                if (zs != nullptr) o *= silu(zv[j]);
+                o = acc[j];
+                if (Ds != nullptr) o += (R)Ds[h * p.D_h + pp * p.D_p] * (R)to_acc(xs[pp * p.x_p]);
+                if (zs != nullptr) o *= silu((R)to_acc(zs[b * p.z_b + h * p.z_h + pp * p.z_p]));
             }
-            outs[b * p.out_b + h * p.out_h + (p0 + j) * p.out_p] = Convert<TIn>::from(o);
+            outs[(p0 + j) * p.out_p] = Convert<TIn>::from(o);
         }
     }
 }

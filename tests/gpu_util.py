@@ -27,7 +27,7 @@ def rounded(x: np.ndarray | None, name: str):
         return None
     if np.iscomplexobj(x) and not name.startswith("complex"):
         raise TypeError(f"complex array for real dtype {name}")
-    return np.ascontiguousarray(x).astype(np_dtype(name))
+    return np.asarray(x, order="C").astype(np_dtype(name))
 
 
 def to_device(x: np.ndarray | None):
@@ -58,8 +58,7 @@ def poison(shape, dtype_name):
 
 
 def sync_check():
-    """Wait for the device and surface any asynchronous CUDA error from the launches."""
+    """Wait for the device; CuPy raises any asynchronous CUDA error from the launches here."""
     import cupy
 
     cupy.cuda.runtime.deviceSynchronize()
-    cupy.cuda.runtime.getLastError()

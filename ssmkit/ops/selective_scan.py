@@ -29,8 +29,8 @@ MAX_N = 2048           # bounded only by shared memory: 4 N state values per war
 
 SAVE_EVERY = 256       # kSaveEvery in selective_scan_fwd.cu: saved-state spacing = backward chunk
 BWD_ITEMS = 8          # kBwdItems in selective_scan_bwd.cu
-TILE_BYTES = 32768     # B/C tiles per block, both matrices together
-# 8 channels (warps) per block: variable B/C tiles are staged once per 8 channels.
+# 8 channels (warps) per block: the warps of a block read the same variable B/C rows, so 7 of
+# 8 reads hit L1.
 WARPS_PER_BLOCK = 8
 SMEM_LIMIT = 227 * 1024  # sm_80/sm_90 opt-in limit; blocks shrink (fewer warps) above it
 
@@ -47,54 +47,39 @@ class KernelConfig:
     var_b: bool
     var_c: bool
     items: int        # forward steps per lane
-    tile_fwd: int     # states per staged B/C tile, forward
-    tile_bwd: int     # and backward
 
 
 def kernel_config(in_dtype: str, w_dtype: str, var_b: bool, var_c: bool) -> KernelConfig:
     """The one place where a problem becomes template parameters."""
-    s = _ITEMSIZE[w_dtype]
-    complex_ = w_dtype.startswith("complex")
-    # 16 steps per lane for real fp16/bf16/fp32 (vector loads, 1/16 of a warp scan per element);
-    # 8 for complex and fp64 (register pressure).
-    items = 8 if (complex_ or in_dtype == "float64") else 16
-    pad = 16 // s
-    n_var = int(var_b) + int(var_c)
-
-    def tile(it):
-        return max(1, TILE_BYTES // (n_var * 32 * (it + pad) * s)) if n_var else 16
-
-    return KernelConfig(in_dtype, w_dtype, var_b, var_c, items, tile(items), tile(BWD_ITEMS))
+    # 8 steps per lane (chunk 256). 16 halves the warp-scan work per element but needs ~160
+    # registers with B/C prefetch (spills under the 128 cap of 2 blocks/SM): measured first.
+    return KernelConfig(in_dtype, w_dtype, var_b, var_c, 8)
 
 
 def fwd_ref(cfg: KernelConfig) -> KernelRef:
     return KernelRef("selective_scan_fwd.cu",
                      f"ssm::selective_scan_fwd<{_IN_C[cfg.in_dtype]}, {_W_C[cfg.w_dtype]}, "
-                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {cfg.items}, {cfg.tile_fwd}>")
+                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {cfg.items}>")
 
 
 def bwd_ref(cfg: KernelConfig) -> KernelRef:
     return KernelRef("selective_scan_bwd.cu",
                      f"ssm::selective_scan_bwd<{_IN_C[cfg.in_dtype]}, {_W_C[cfg.w_dtype]}, "
-                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {cfg.tile_bwd}>")
+                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}>")
 
 
 def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
-    """Bytes of dynamic shared memory, mirroring the layout in selective_scan_fwd.cu."""
-    s = _ITEMSIZE[cfg.w_dtype]
-    row = 32 * (cfg.items + 16 // s)
-    return (int(cfg.var_b) + int(cfg.var_c)) * cfg.tile_fwd * row * s + warps * N * s
+    """Bytes of dynamic shared memory, mirroring selective_scan_fwd.cu: the carried state."""
+    return warps * N * _ITEMSIZE[cfg.w_dtype]
 
 
 def bwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     """Bytes of dynamic shared memory, mirroring the layout in selective_scan_bwd.cu."""
     s = _ITEMSIZE[cfg.w_dtype]
     n_var = int(cfg.var_b) + int(cfg.var_c)
-    row = 32 * (BWD_ITEMS + 16 // s)
-    tiles = n_var * cfg.tile_bwd * row * s
     slices = (2 * 2 * warps * 32 * BWD_ITEMS * s) if n_var else 0
     per_warp = warps * N * s * (2 + (not cfg.var_b) + (not cfg.var_c))
-    return tiles + slices + per_warp
+    return slices + per_warp
 
 
 def _all_configs(dtype=None):

@@ -50,7 +50,13 @@ INDEX_DTYPES = ("int32", "int64")
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Mirrors of SsuTraits in the kernel: state elements per 16-byte access, rows per lane group.
 VEC_ELEMS = {"float32": 4, "float16": 8, "bfloat16": 8, "float64": 2}
-ROWS = {False: 2, True: 4}
+
+
+def rows_per_group(state_dtype: str, tie: bool) -> int:
+    """Mirror of SsuTraits::kRows: consecutive p rows owned by one lane group."""
+    return 4 if tie or state_dtype == "float32" else 2
+
+
 # Block sizes, largest first: the largest that still gives >= 2 blocks per SM, else 32 (small
 # batches then spread over every SM). Must not exceed kMaxThreads in the kernel.
 BLOCKS = (128, 64, 32)
@@ -255,64 +261,84 @@ def _num_sms(device: int) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """A launch of one layout, without pointers: what the kernel needs besides the 11 addresses."""
+
+    tie: bool                  # constant-along-P fast path
+    vec: tuple[int, ...]       # alignment needed by vectorized state/A/B/C (0: scalar accesses)
+    grid: int
+    block: int
+    fields: dict               # the non-pointer fields of PARAMS
+
+    @property
+    def empty(self) -> bool:
+        return self.fields["total_groups"] == 0
+
+
+def launch_config(spec: SsuSpec, arrays, ptrs, sms: int) -> LaunchConfig:
+    """Map a validated call onto the kernel: head-form strides, lane groups, grid, block."""
+    state, x, dt, A, B, C, D, z, dt_bias, idx, out = arrays
+    kvec = VEC_ELEMS[spec.state_dtype]
+    tie = _tied(spec, A, dt, dt_bias)
+    rows = rows_per_group(spec.state_dtype, tie)
+    N = spec.dstate
+    lanes = min(32, _next_pow2(-(-N // kvec)))
+    n_chunks = -(-N // (lanes * kvec))
+    tiles = -(-spec.headdim // rows)
+    total_groups = spec.batch * spec.heads * tiles
+    threads = total_groups * lanes
+    block = BLOCKS[-1]
+    for cand in BLOCKS:
+        if -(-threads // cand) >= 2 * sms:
+            block = cand
+            break
+    grid = max(1, -(-threads // block))
+    if grid > MAX_GRID_X:
+        raise ValueError(f"{OP}: {total_groups} lane groups need {grid} blocks, more than the grid "
+                         f"limit {MAX_GRID_X}; split the batch")
+    vec = tuple(_vector_align(arrays[i], ptrs[i], kvec, N) for i in _ALIGN_ARGS)
+    sst = _head_strides(spec, state, "state")
+    xs, dts, zs = (_head_strides(spec, a, "act") for a in (x, dt, z))
+    if out is None:  # a fresh C-contiguous output per call
+        outs = (spec.heads * spec.headdim, spec.headdim, 1)
+    else:
+        outs = _head_strides(spec, out, "act")
+    As = _head_strides(spec, A, "A")
+    Bs, Cs = _head_strides(spec, B, "bc"), _head_strides(spec, C, "bc")
+    Ds, bs = _head_strides(spec, D, "chan"), _head_strides(spec, dt_bias, "chan")
+    ids = _head_strides(spec, idx, "idx")
+    fields = dict(
+        batch=spec.batch, heads=spec.heads, headdim=spec.headdim, dstate=N,
+        heads_per_group=max(1, spec.heads // spec.groups), pool=spec.pool, tiles_per_head=tiles,
+        total_groups=total_groups,
+        state_b=sst[0], state_h=sst[1], state_p=sst[2], state_n=sst[3],
+        x_b=xs[0], x_h=xs[1], x_p=xs[2], dt_b=dts[0], dt_h=dts[1], dt_p=dts[2],
+        z_b=zs[0], z_h=zs[1], z_p=zs[2], out_b=outs[0], out_h=outs[1], out_p=outs[2],
+        A_h=As[0], A_p=As[1], A_n=As[2], B_b=Bs[0], B_g=Bs[1], B_n=Bs[2],
+        C_b=Cs[0], C_g=Cs[1], C_n=Cs[2], D_h=Ds[0], D_p=Ds[1], bias_h=bs[0], bias_p=bs[1],
+        idx_stride=ids[0], lanes=lanes, n_chunks=n_chunks, dt_softplus=int(spec.dt_softplus),
+        idx_is_int64=int(spec.index_dtype == "int64"),
+        vec_state=int(vec[0] > 0), vec_A=int(vec[1] > 0), vec_B=int(vec[2] > 0), vec_C=int(vec[3] > 0))
+    return LaunchConfig(tie, vec, grid, block, fields)
+
+
 class _Prepared:
     """Everything of one launch but the 11 pointers: kernel, grid, block, params tail."""
 
-    __slots__ = ("spec", "tie", "ref", "kernel", "grid", "block", "tail", "empty", "vec")
+    __slots__ = ("spec", "cfg", "tie", "ref", "kernel", "grid", "block", "tail", "empty", "vec")
 
     def __init__(self, spec: SsuSpec, arrays: tuple, ptrs: list[int], device: int):
-        state, x, dt, A, B, C, D, z, dt_bias, idx, out = arrays
+        cfg = launch_config(spec, arrays, ptrs, _num_sms(device))
         self.spec = spec
-        kvec = VEC_ELEMS[spec.state_dtype]
-        tie = _tied(spec, A, dt, dt_bias)
-        rows = ROWS[tie]
-        N = spec.dstate
-        lanes = min(32, _next_pow2(-(-N // kvec)))
-        n_chunks = -(-N // (lanes * kvec))
-        tiles = -(-spec.headdim // rows)
-        total_groups = spec.batch * spec.heads * tiles
-        threads = total_groups * lanes
-        sms = _num_sms(device)
-        block = BLOCKS[-1]
-        for cand in BLOCKS:
-            if -(-threads // cand) >= 2 * sms:
-                block = cand
-                break
-        grid = max(1, -(-threads // block))
-        if grid > MAX_GRID_X:
-            raise ValueError(f"{OP}: {total_groups} lane groups need {grid} blocks, more than the grid "
-                             f"limit {MAX_GRID_X}; split the batch")
-        self.empty = total_groups == 0
-        self.tie = tie
-        # alignment each vectorized argument needs (0: scalar accesses), in _ALIGN_ARGS order
-        self.vec = tuple(_vector_align(arrays[i], ptrs[i], kvec, N) for i in _ALIGN_ARGS)
-        sst = _head_strides(spec, state, "state")
-        xs, dts, zs = (_head_strides(spec, a, "act") for a in (x, dt, z))
-        if out is None:  # a fresh C-contiguous output per call
-            outs = (spec.heads * spec.headdim, spec.headdim, 1)
-        else:
-            outs = _head_strides(spec, out, "act")
-        As = _head_strides(spec, A, "A")
-        Bs, Cs = _head_strides(spec, B, "bc"), _head_strides(spec, C, "bc")
-        Ds, bs = _head_strides(spec, D, "chan"), _head_strides(spec, dt_bias, "chan")
-        ids = _head_strides(spec, idx, "idx")
-        packed = PARAMS.pack(
-            batch=spec.batch, heads=spec.heads, headdim=spec.headdim, dstate=N,
-            heads_per_group=spec.heads // spec.groups, pool=spec.pool, tiles_per_head=tiles,
-            total_groups=total_groups,
-            state_b=sst[0], state_h=sst[1], state_p=sst[2], state_n=sst[3],
-            x_b=xs[0], x_h=xs[1], x_p=xs[2], dt_b=dts[0], dt_h=dts[1], dt_p=dts[2],
-            z_b=zs[0], z_h=zs[1], z_p=zs[2], out_b=outs[0], out_h=outs[1], out_p=outs[2],
-            A_h=As[0], A_p=As[1], A_n=As[2], B_b=Bs[0], B_g=Bs[1], B_n=Bs[2],
-            C_b=Cs[0], C_g=Cs[1], C_n=Cs[2], D_h=Ds[0], D_p=Ds[1], bias_h=bs[0], bias_p=bs[1],
-            idx_stride=ids[0], lanes=lanes, n_chunks=n_chunks, dt_softplus=int(spec.dt_softplus),
-            idx_is_int64=int(spec.index_dtype == "int64"),
-            vec_state=int(self.vec[0] > 0), vec_A=int(self.vec[1] > 0), vec_B=int(self.vec[2] > 0),
-            vec_C=int(self.vec[3] > 0))
-        self.tail = packed.tobytes()[_PTRS.size:]
-        self.grid = (grid, 1, 1)
-        self.block = (block, 1, 1)
-        self.ref = kernel_ref(spec.state_dtype, spec.dtype, tie)
+        self.cfg = cfg
+        self.tie = cfg.tie
+        self.vec = cfg.vec
+        self.empty = cfg.empty
+        self.tail = PARAMS.pack(**cfg.fields).tobytes()[_PTRS.size:]
+        self.grid = (cfg.grid, 1, 1)
+        self.block = (cfg.block, 1, 1)
+        self.ref = kernel_ref(spec.state_dtype, spec.dtype, cfg.tie)
         self.kernel = get_kernel(self.ref)  # compile/load now, never inside a graph capture
 
     def params(self, ptrs) -> np.ndarray:

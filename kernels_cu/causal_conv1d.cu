@@ -1,0 +1,1076 @@
+// causal_conv1d.cu: depthwise causal 1-D convolution (Mamba's short conv), forward, backward and
+// the decode-time state update.
+//
+//   out[b, d, t] = act(bias[d] + sum_k w[d, k] * xx[b, d, t - (W-1) + k])        k = 0..W-1
+//
+// xx is x extended to negative time with initial_states (zeros when absent). With seq_idx, input
+// s is visible to output t only if seq(s) == seq(t), where seq(s < 0) = seq_idx[b, 0]; a token
+// with seq(t) < 0 is padding: its output is exactly 0 and it contributes nothing (forward and
+// backward). Accumulation is fp32 (fp64 for fp64 inputs).
+//
+// Two data mappings, picked in Python from x's strides (both accept arbitrary strides for every
+// array; "vec" runtime flags, set in Python after checking pointer AND stride alignment, enable
+// the vector loads/stores, otherwise scalar strided accesses are used):
+//
+// * channel-first (the time axis is contiguous): one warp per (b, d) row and time segment of
+//   32 * kItems steps; each lane owns kItems consecutive steps (16-byte vector loads). The W-1
+//   steps before a lane's first one (the halo) come from the previous lane by shuffles; lane 0
+//   reads them from global memory (L1/L2 hits: the previous segment's warp loads those lines) or
+//   from initial_states. A block is 4 warps = 4 channels of one batch row at one segment, so
+//   seq_idx loads are shared through L1. No shared memory, no block barrier.
+//   Grid: blockIdx.x = (b * n_dgroups + dgroup) * n_seg + seg.
+//
+// * channel-last (the channel axis is contiguous): each thread owns kVec consecutive channels
+//   (one 8-byte vector) and kSteps consecutive time steps, sliding the window in registers; its
+//   W-1 halo steps are re-read (L1 hits: the warp above in the same block reads them). A block is
+//   32 lanes along D x 4 warps along time. No transpose is needed: a warp's load of one time step
+//   is 32 * 8 = 256 contiguous bytes.
+//   Grid: blockIdx.x = (b * n_seg + tblock) * n_dgroups + dblock.
+//
+// Backward: dpre[t] = dout[t] * act'(pre[t]) (pre recomputed; with no activation dpre = dout);
+//   dx[s] = sum_j w[W-1-j] * dpre[s+j] * [seq(s+j) == seq(s)]   (s < 0 gives dinitial_states),
+//   dfinal_states adds onto the last W-1 positions of the extended input,
+//   dweight[d, k] = sum dpre[t] * visible xx[t-(W-1)+k],  dbias[d] = sum dpre[t].
+// The backward kernels write dx directly and per-(block, channel) partial sums of dweight/dbias
+// (fixed summation order) into a workspace (P, D, W+1); causal_conv1d_bwd_reduce sums the P
+// partials per (d, k) in index order. No atomics: bitwise reproducible run to run.
+//
+// Decode update: one thread per (b, d); the W-1 window values are read from the state row (a
+// shift register, or a ring buffer addressed by cache_seqlens), new tokens slide through
+// registers, then the state row is written back in place.
+#include "common.cuh"
+
+namespace ssm {
+
+// ---- parameter structs (mirrored in ssmkit/ops/causal_conv1d.py) ---------------------------
+
+struct ConvFwdParams {
+    const void* x;                 // (B, D, L)
+    const void* weight;            // (D, W)
+    const void* bias;              // (D,) or null
+    const int32_t* seq_idx;        // (B, L) or null
+    const void* initial_states;    // (B, D, W-1) or null
+    void* out;                     // (B, D, L)
+    void* final_states;            // (B, D, W-1) or null
+    int64_t batch, dim, seqlen;
+    int64_t x_b, x_d, x_l;
+    int64_t w_d, w_k;
+    int64_t bias_s;
+    int64_t seq_b, seq_l;
+    int64_t init_b, init_d, init_k;
+    int64_t out_b, out_d, out_l;
+    int64_t fin_b, fin_d, fin_k;
+    int64_t n_seg;                 // grid decode: time segments (channel-first) / time blocks (channel-last)
+    int64_t n_dgroups;             // grid decode: channel groups (channel-first) / channel blocks (channel-last)
+    int32_t silu;                  // activation silu/swish
+    int32_t x_vec;                 // vector loads of x allowed
+    int32_t out_vec;               // vector stores of out allowed
+    int32_t seq_vec;               // vector loads of seq_idx allowed (channel-first)
+};
+
+struct ConvBwdParams {
+    const void* x;                 // (B, D, L)
+    const void* weight;            // (D, W)
+    const void* bias;              // (D,) or null
+    const void* dout;              // (B, D, L)
+    const int32_t* seq_idx;        // (B, L) or null
+    const void* initial_states;    // (B, D, W-1) or null
+    const void* dfinal_states;     // (B, D, W-1) or null
+    void* dx;                      // (B, D, L)
+    void* dinitial_states;         // (B, D, W-1) or null
+    void* partials;                // (P, D, W+1) accumulator type, contiguous
+    int64_t batch, dim, seqlen;
+    int64_t x_b, x_d, x_l;
+    int64_t w_d, w_k;
+    int64_t bias_s;
+    int64_t dout_b, dout_d, dout_l;
+    int64_t seq_b, seq_l;
+    int64_t init_b, init_d, init_k;
+    int64_t dfin_b, dfin_d, dfin_k;
+    int64_t dx_b, dx_d, dx_l;
+    int64_t dinit_b, dinit_d, dinit_k;
+    int64_t n_seg;                 // grid decode: time groups per batch row (= partials per batch row)
+    int64_t n_dgroups;             // grid decode: channel groups / blocks
+    int32_t silu;
+    int32_t x_vec;
+    int32_t dout_vec;
+    int32_t dx_vec;
+    int32_t seq_vec;
+    int32_t pad_;
+};
+
+struct ConvReduceParams {
+    const void* partials;          // (P, D, W+1) accumulator type, contiguous
+    void* dweight;                 // (D, W)
+    void* dbias;                   // (D,) or null
+    int64_t dim, n_partials;
+    int64_t w_d, w_k;
+    int64_t bias_s;
+    int32_t width;
+    int32_t pad_;
+};
+
+struct ConvUpdateParams {
+    const void* x;                 // (B, D, L_new)   (a 2-D x travels with x_l = 0, L_new = 1)
+    void* conv_state;              // (B_pool, D, S), updated in place
+    const void* weight;            // (D, W)
+    const void* bias;              // (D,) or null
+    const int32_t* cache_seqlens;  // (B,) or null: ring-buffer mode
+    const int32_t* state_indices;  // (B,) or null: row of the pool per batch row, < 0 = padding
+    void* out;                     // (B, D, L_new)
+    int64_t batch, dim, new_len, state_len;
+    int64_t x_b, x_d, x_l;
+    int64_t st_b, st_d, st_s;
+    int64_t w_d, w_k;
+    int64_t bias_s;
+    int64_t csl_s, idx_s;
+    int64_t out_b, out_d, out_l;
+    int64_t n_dblocks;
+    int32_t width;
+    int32_t silu;
+};
+
+// ---- constants ---------------------------------------------------------------------------
+
+constexpr int kConvMaxWidth = 8;
+// Channel-first: 4 warps per block (4 channels at one segment): 128-thread blocks keep up to 16
+// blocks per SM resident, so a row of short L still fills the machine; seq_idx is shared via L1.
+constexpr int kConvCFWarps = 4;
+// Channel-last: 32 lanes along D x 4 warps along time.
+constexpr int kConvCLWarps = 4;
+// Backward: each channel-first warp walks this many 32*kItems segments, each channel-last block
+// this many 4*kSteps slices, accumulating dweight/dbias partials in registers, so the workspace
+// stays near 1% of x's bytes (P = B * L / 1024 or B * L / 512 partials per channel).
+constexpr int kConvCFBwdIters = 4;
+constexpr int kConvCLBwdIters = 8;
+// Decode update: one thread per (b, d).
+constexpr int kConvUpdateThreads = 128;
+constexpr int kConvReduceThreads = 256;
+
+template <typename T> struct ConvTraits {
+    // Channel-first forward: 32 bytes per lane for 2- and 4-byte types (two 16-byte loads in
+    // flight per lane; 16 steps of bf16 or 8 of fp32), 8 steps (64 bytes) for fp64. kItems >= 8
+    // > W-1, so a lane's halo always lies within the previous lane.
+    static constexpr int kFwdItems = sizeof(T) == 2 ? 16 : 8;
+    // Channel-first backward: 8 steps per lane (x and dout: 16 bytes each for 16-bit types).
+    static constexpr int kBwdItems = 8;
+    // Channel-last: one 8-byte vector of channels per thread (4 x 16-bit, 2 x fp32, 1 x fp64),
+    // 16 time steps per thread (forward) / 8 (backward, which holds x, dout and dpre windows).
+    static constexpr int kVec = 8 / sizeof(T);
+    static constexpr int kFwdSteps = 16;
+    static constexpr int kBwdVec = sizeof(T) == 8 ? 1 : 4 / sizeof(T);
+    static constexpr int kBwdSteps = 8;
+};
+
+// ---- small helpers -------------------------------------------------------------------------
+
+template <int kBytes> struct ConvRaw;
+template <> struct ConvRaw<16> { typedef uint4 type; };
+template <> struct ConvRaw<8> { typedef uint2 type; };
+template <> struct ConvRaw<4> { typedef unsigned int type; };
+template <> struct ConvRaw<2> { typedef unsigned short type; };
+
+// N elements of T viewed as one raw machine word (a single vector load/store).
+template <typename T, int N> union ConvPacked {
+    typename ConvRaw<sizeof(T) * N>::type raw;
+    T v[N];
+};
+
+// Storage -> compute value (fp32 for 16/32-bit floats, fp64 for fp64, int for seq ids).
+__device__ __forceinline__ float conv_val(float x) { return x; }
+__device__ __forceinline__ double conv_val(double x) { return x; }
+__device__ __forceinline__ float conv_val(bf16 x) { return to_float(x); }
+__device__ __forceinline__ float conv_val(f16 x) { return to_float(x); }
+__device__ __forceinline__ int conv_val(int x) { return x; }
+
+// sigmoid via ex2.approx and rcp.approx (rel. error ~1e-7; inputs far below 0 give exactly 0).
+__device__ __forceinline__ float conv_sigmoid(float x) {
+    float e = exp2_fast(-x * kLog2e);
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+    return r;
+}
+__device__ __forceinline__ double conv_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
+template <typename A> __device__ __forceinline__ A conv_silu(A x) { return x * conv_sigmoid(x); }
+template <typename A> __device__ __forceinline__ A conv_silu_grad(A x) {
+    A s = conv_sigmoid(x);
+    return s * (A(1) + x * (A(1) - s));
+}
+
+__device__ __forceinline__ float conv_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double conv_fma(double a, double b, double c) { return fma(a, b, c); }
+
+__device__ __forceinline__ float conv_shfl_up(float v) { return __shfl_up_sync(0xffffffffu, v, 1); }
+__device__ __forceinline__ double conv_shfl_up(double v) { return __shfl_up_sync(0xffffffffu, v, 1); }
+__device__ __forceinline__ int conv_shfl_up(int v) { return __shfl_up_sync(0xffffffffu, v, 1); }
+__device__ __forceinline__ float conv_shfl_down(float v) { return __shfl_down_sync(0xffffffffu, v, 1); }
+__device__ __forceinline__ double conv_shfl_down(double v) { return __shfl_down_sync(0xffffffffu, v, 1); }
+__device__ __forceinline__ int conv_shfl_down(int v) { return __shfl_down_sync(0xffffffffu, v, 1); }
+__device__ __forceinline__ float conv_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ double conv_shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+// Load N consecutive elements (indices t0 .. t0+N-1 of a row with element stride `stride`) as
+// compute values; indices >= len give 0. With `vec` (unit stride, row base 16-byte aligned,
+// t0 a multiple of 16 / sizeof(T): all checked by the host) and the range inside the row, the
+// loads are 16-byte vectors.
+template <int N, typename V, typename T>
+__device__ __forceinline__ void conv_load_row(V* v, const T* row, int64_t t0, int64_t len,
+                                              int64_t stride, bool vec) {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(N % kPer == 0, "row loads are whole 16-byte vectors");
+    if (vec && t0 + N <= len) {
+        const uint4* src = reinterpret_cast<const uint4*>(row + t0);
+#pragma unroll
+        for (int c = 0; c < N / kPer; ++c) {
+            ConvPacked<T, kPer> pk;
+            pk.raw = src[c];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) v[c * kPer + i] = V(conv_val(pk.v[i]));
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const int64_t t = t0 + i;
+            v[i] = t < len ? V(conv_val(row[t * stride])) : V(0);
+        }
+    }
+}
+
+// Store N consecutive row elements (those at indices < len).
+template <int N, typename T, typename V>
+__device__ __forceinline__ void conv_store_row(T* row, int64_t t0, int64_t len, int64_t stride,
+                                               bool vec, const V* v) {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(N % kPer == 0, "row stores are whole 16-byte vectors");
+    if (vec && t0 + N <= len) {
+        uint4* dst = reinterpret_cast<uint4*>(row + t0);
+#pragma unroll
+        for (int c = 0; c < N / kPer; ++c) {
+            ConvPacked<T, kPer> pk;
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) pk.v[i] = Convert<T>::from(v[c * kPer + i]);
+            dst[c] = pk.raw;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const int64_t t = t0 + i;
+            if (t < len) row[t * stride] = Convert<T>::from(v[i]);
+        }
+    }
+}
+
+// Load the N channels p[0], p[stride], ... (the first `nvalid` exist, the rest read as 0). With
+// `vec` (unit stride, 8-byte aligned: checked by the host) and all N present: one vector load.
+template <int N, typename A, typename T>
+__device__ __forceinline__ void conv_load_chans(A* v, const T* p, int64_t stride, int nvalid, bool vec) {
+    if (vec && nvalid == N) {
+        ConvPacked<T, N> pk;
+        pk.raw = *reinterpret_cast<const typename ConvRaw<sizeof(T) * N>::type*>(p);
+#pragma unroll
+        for (int c = 0; c < N; ++c) v[c] = A(conv_val(pk.v[c]));
+    } else {
+#pragma unroll
+        for (int c = 0; c < N; ++c) v[c] = c < nvalid ? A(conv_val(p[c * stride])) : A(0);
+    }
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void conv_store_chans(T* p, int64_t stride, int nvalid, bool vec, const A* v) {
+    if (vec && nvalid == N) {
+        ConvPacked<T, N> pk;
+#pragma unroll
+        for (int c = 0; c < N; ++c) pk.v[c] = Convert<T>::from(v[c]);
+        *reinterpret_cast<typename ConvRaw<sizeof(T) * N>::type*>(p) = pk.raw;
+    } else {
+#pragma unroll
+        for (int c = 0; c < N; ++c)
+            if (c < nvalid) p[c * stride] = Convert<T>::from(v[c]);
+    }
+}
+
+// One output: act(bias + sum_k w[k] * xs[k] (visible)). xs/ss point at the window's oldest
+// element (time t - (W-1)); s_t is seq(t). Padding outputs are exactly 0.
+template <int kW, bool kSeq, bool kSilu, typename A>
+__device__ __forceinline__ A conv_out(const A* w, A bias, const A* xs, const int* ss, int s_t) {
+    A acc = bias;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+        A xv = xs[k];
+        if (kSeq) xv = ss[k] == s_t ? xv : A(0);
+        acc = conv_fma(w[k], xv, acc);
+    }
+    if (kSilu) acc = conv_silu(acc);
+    if (kSeq) acc = s_t >= 0 ? acc : A(0);
+    return acc;
+}
+
+// ============================================================================================
+// Forward, channel-first
+// ============================================================================================
+
+template <int kW, int kItems, bool kSeq, bool kSilu, typename A>
+__device__ __forceinline__ void conv_fwd_cf_compute(A* o, const A* xv, const int* sv, const A* w, A bias) {
+    constexpr int kH = kW - 1;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) o[i] = conv_out<kW, kSeq, kSilu>(w, bias, xv + i, sv + i, sv[kH + i]);
+}
+
+template <typename T, typename TW, int kW>
+__global__ void __launch_bounds__(32 * kConvCFWarps)
+causal_conv1d_fwd_cf(const ConvFwdParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kItems = ConvTraits<T>::kFwdItems;
+    constexpr int kH = kW - 1;
+    static_assert(kH < kItems, "a lane's halo must lie within the previous lane");
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t seg = blk % p.n_seg;
+    const int64_t rest = blk / p.n_seg;
+    const int64_t b = rest / p.n_dgroups;
+    const int64_t d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    if (d >= p.dim) return;  // warp-uniform: the shuffles below see full warps
+    const int64_t L = p.seqlen;
+    const int64_t t0 = seg * (32 * kItems) + lane * kItems;
+
+    const T* x = (const T*)p.x + b * p.x_b + d * p.x_d;
+    A w[kW];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) w[k] = A(conv_val(((const TW*)p.weight)[d * p.w_d + k * p.w_k]));
+    const A bias = p.bias ? A(conv_val(((const TW*)p.bias)[d * p.bias_s])) : A(0);
+
+    // xv[0, kH): halo (times t0-kH .. t0-1); xv[kH, kH+kItems): own steps. Same for sv.
+    A xv[kH + kItems];
+    int sv[kH + kItems];
+    conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, p.x_vec);
+    const bool has_seq = p.seq_idx != nullptr;
+    const int32_t* seq = p.seq_idx + b * p.seq_b;
+    if (has_seq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec);
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+        xv[j] = conv_shfl_up(xv[kItems + j]);
+        sv[j] = has_seq ? conv_shfl_up(sv[kItems + j]) : 0;
+    }
+    if (lane == 0) {  // t0 < L here for the lanes whose outputs are stored
+        const T* init = (const T*)p.initial_states + b * p.init_b + d * p.init_d;
+        const int s0 = has_seq ? seq[0] : 0;
+#pragma unroll
+        for (int j = 0; j < kH; ++j) {
+            const int64_t t = t0 - kH + j;
+            if (t >= 0) {
+                xv[j] = A(conv_val(x[t * p.x_l]));
+                if (has_seq) sv[j] = seq[t * p.seq_l];
+            } else {
+                xv[j] = p.initial_states ? A(conv_val(init[(kH + t) * p.init_k])) : A(0);
+                sv[j] = s0;
+            }
+        }
+    }
+    if (!has_seq) {
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) sv[kH + i] = 0;
+    }
+
+    A o[kItems];
+    if (has_seq) {
+        if (p.silu) conv_fwd_cf_compute<kW, kItems, true, true>(o, xv, sv, w, bias);
+        else conv_fwd_cf_compute<kW, kItems, true, false>(o, xv, sv, w, bias);
+    } else {
+        if (p.silu) conv_fwd_cf_compute<kW, kItems, false, true>(o, xv, sv, w, bias);
+        else conv_fwd_cf_compute<kW, kItems, false, false>(o, xv, sv, w, bias);
+    }
+    T* out = (T*)p.out + b * p.out_b + d * p.out_d;
+    conv_store_row<kItems>(out, t0, L, p.out_l, p.out_vec, o);
+
+    if (p.final_states) {
+        // final_states[j] = xx[L - kH + j]: the raw extended input's last kH steps.
+        T* fin = (T*)p.final_states + b * p.fin_b + d * p.fin_d;
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+            const int64_t t = t0 + i;
+            if (t >= L - kH && t < L) fin[(t - (L - kH)) * p.fin_k] = Convert<T>::from(xv[kH + i]);
+        }
+        if (t0 == 0) {  // L < W-1: part of the final state is the initial state
+#pragma unroll
+            for (int j = 0; j < kH; ++j) {
+                const int64_t t = j - kH;
+                if (t >= L - kH) fin[(t - (L - kH)) * p.fin_k] = Convert<T>::from(xv[j]);
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// Forward, channel-last
+// ============================================================================================
+
+// Raw staging of one time step's kVec channels (one machine word), zero-filled where absent.
+template <int N, typename T>
+__device__ __forceinline__ void conv_load_chans_raw(ConvPacked<T, N>& pk, const T* p, int64_t stride,
+                                                    int nvalid, bool vec) {
+    if (vec && nvalid == N) {
+        pk.raw = *reinterpret_cast<const typename ConvRaw<sizeof(T) * N>::type*>(p);
+    } else {
+#pragma unroll
+        for (int c = 0; c < N; ++c) pk.v[c] = c < nvalid ? p[c * stride] : T{};
+    }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void conv_zero_raw(ConvPacked<T, N>& pk) {
+    pk.raw = typename ConvRaw<sizeof(T) * N>::type{};
+}
+
+// Stage the raw inputs of times t0-kH+u, u = 0..kN-1 (x, or initial_states at negative time,
+// zeros at or beyond L) and their seq ids. Interior threads (the whole window inside [0, L),
+// vector loads allowed, all kVec channels present) take a branch-free run of vector loads.
+template <int kN, int kH, int kVec, typename T>
+__device__ __forceinline__ void conv_stage_cl(ConvPacked<T, kVec>* raw, int* sv, const T* x, int64_t x_l,
+                                              int64_t x_d, bool xvec, const T* init, int64_t init_k,
+                                              int64_t init_d, bool has_init, const int32_t* seq,
+                                              int64_t seq_l, bool has_seq, int s0, int64_t t0,
+                                              int64_t L, int nvalid) {
+    typedef typename ConvRaw<sizeof(T) * kVec>::type Raw;
+    if (xvec && nvalid == kVec && t0 - kH >= 0 && t0 - kH + kN <= L) {
+        const T* px = x + (t0 - kH) * x_l;
+#pragma unroll
+        for (int u = 0; u < kN; ++u) raw[u].raw = *reinterpret_cast<const Raw*>(px + u * x_l);
+        if (has_seq) {
+            const int32_t* ps = seq + (t0 - kH) * seq_l;
+#pragma unroll
+            for (int u = 0; u < kN; ++u) sv[u] = ps[u * seq_l];
+        } else {
+#pragma unroll
+            for (int u = 0; u < kN; ++u) sv[u] = 0;
+        }
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < kN; ++u) {
+        const int64_t t = t0 - kH + u;   // warp-uniform branches
+        if (t >= L) {
+            conv_zero_raw(raw[u]);
+            sv[u] = 0;
+        } else if (t >= 0) {
+            conv_load_chans_raw(raw[u], x + t * x_l, x_d, nvalid, xvec);
+            sv[u] = has_seq ? seq[t * seq_l] : 0;
+        } else {
+            if (has_init) conv_load_chans_raw(raw[u], init + (kH + t) * init_k, init_d, nvalid, false);
+            else conv_zero_raw(raw[u]);
+            sv[u] = s0;
+        }
+    }
+}
+
+// Slide over the staged inputs: the window holds the kW inputs ending at the current step;
+// each output is stored as soon as it is computed.
+template <int kW, int kSteps, int kVec, bool kSeq, bool kSilu, typename T, typename A>
+__device__ __forceinline__ void conv_fwd_cl_steps(T* out, int64_t out_l, int64_t out_d, bool out_vec, int nvalid,
+                                                  const ConvPacked<T, kVec>* raw, const int* sv,
+                                                  const A (*w)[kW], const A* bias, int64_t t0, int64_t L) {
+    constexpr int kH = kW - 1;
+    A win[kW][kVec];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) win[k][c] = A(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kH + kSteps; ++u) {
+#pragma unroll
+        for (int k = 0; k + 1 < kW; ++k) {
+#pragma unroll
+            for (int c = 0; c < kVec; ++c) win[k][c] = win[k + 1][c];
+        }
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) win[kW - 1][c] = A(conv_val(raw[u].v[c]));
+        if (u >= kH) {
+            const int i = u - kH;
+            A o[kVec];
+#pragma unroll
+            for (int c = 0; c < kVec; ++c) {
+                A xs[kW];
+#pragma unroll
+                for (int k = 0; k < kW; ++k) xs[k] = win[k][c];
+                o[c] = conv_out<kW, kSeq, kSilu>(w[c], bias[c], xs, sv + i, sv[kH + i]);
+            }
+            if (t0 + i < L) conv_store_chans<kVec>(out + (t0 + i) * out_l, out_d, nvalid, out_vec, o);
+        }
+    }
+}
+
+template <typename T, typename TW, int kW>
+__global__ void __launch_bounds__(32 * kConvCLWarps)
+causal_conv1d_fwd_cl(const ConvFwdParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kVec = ConvTraits<T>::kVec;
+    constexpr int kSteps = ConvTraits<T>::kFwdSteps;
+    constexpr int kH = kW - 1;
+    const int lane = threadIdx.x & 31;
+    const int ty = threadIdx.x >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t db = blk % p.n_dgroups;
+    const int64_t rest = blk / p.n_dgroups;
+    const int64_t tb = rest % p.n_seg;
+    const int64_t b = rest / p.n_seg;
+    const int64_t d0 = (db * 32 + lane) * kVec;
+    const int64_t t0 = (tb * kConvCLWarps + ty) * kSteps;
+    const int64_t L = p.seqlen;
+    if (d0 >= p.dim || t0 >= L) return;  // no barriers in this kernel
+    const int nvalid = (int)min((int64_t)kVec, p.dim - d0);
+
+    const bool has_seq = p.seq_idx != nullptr;
+    const int32_t* seq = p.seq_idx + b * p.seq_b;
+    const T* x = (const T*)p.x + b * p.x_b + d0 * p.x_d;
+    const T* init = (const T*)p.initial_states + b * p.init_b + d0 * p.init_d;
+    // All loads first (raw words: 2 registers per step), then the math.
+    ConvPacked<T, kVec> raw[kH + kSteps];
+    int sv[kH + kSteps];
+    conv_stage_cl<kH + kSteps, kH>(raw, sv, x, p.x_l, p.x_d, p.x_vec, init, p.init_k, p.init_d,
+                                   p.initial_states != nullptr, seq, p.seq_l, has_seq,
+                                   has_seq ? seq[0] : 0, t0, L, nvalid);
+
+    A w[kVec][kW], bias[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) {
+        const bool ok = c < nvalid;
+#pragma unroll
+        for (int k = 0; k < kW; ++k)
+            w[c][k] = ok ? A(conv_val(((const TW*)p.weight)[(d0 + c) * p.w_d + k * p.w_k])) : A(0);
+        bias[c] = ok && p.bias ? A(conv_val(((const TW*)p.bias)[(d0 + c) * p.bias_s])) : A(0);
+    }
+
+    T* out = (T*)p.out + b * p.out_b + d0 * p.out_d;
+    const bool ov = p.out_vec;
+    if (has_seq) {
+        if (p.silu) conv_fwd_cl_steps<kW, kSteps, kVec, true, true>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
+        else conv_fwd_cl_steps<kW, kSteps, kVec, true, false>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
+    } else {
+        if (p.silu) conv_fwd_cl_steps<kW, kSteps, kVec, false, true>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
+        else conv_fwd_cl_steps<kW, kSteps, kVec, false, false>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
+    }
+
+    if (p.final_states) {
+        T* fin = (T*)p.final_states + b * p.fin_b + d0 * p.fin_d;
+#pragma unroll
+        for (int u = 0; u < kH + kSteps; ++u) {
+            const int64_t t = t0 - kH + u;
+            // own steps, plus the negative-time halo for the first thread of the row
+            const bool mine = u >= kH || (t0 == 0 && t < 0);
+            if (mine && t >= L - kH && t < L) {
+#pragma unroll
+                for (int c = 0; c < kVec; ++c)
+                    if (c < nvalid) fin[(t - (L - kH)) * p.fin_k + c * p.fin_d] = raw[u].v[c];
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// Backward, shared per-position math
+// ============================================================================================
+
+// dpre at one position: xs/ss = window of W inputs ending at the position, g = dout there,
+// s_t = seq there, inside = position < L.
+template <int kW, bool kSeq, bool kSilu, typename A>
+__device__ __forceinline__ A conv_dpre(const A* w, A bias, const A* xs, const int* ss, int s_t, A g, bool inside) {
+    A r = g;
+    if (kSilu) r = r * conv_silu_grad(conv_out<kW, kSeq, false>(w, bias, xs, ss, s_t));
+    bool valid = inside;
+    if (kSeq) valid = valid && s_t >= 0;
+    return valid ? r : A(0);
+}
+
+// dweight/dbias partials of one position (its dpre and its visible window).
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ void conv_accum(A* pw, A& pb, A dp, const A* xs, const int* ss, int s_t) {
+    pb += dp;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+        A xv = xs[k];
+        if (kSeq) xv = ss[k] == s_t ? xv : A(0);
+        pw[k] = conv_fma(dp, xv, pw[k]);
+    }
+}
+
+// dx at one position s: sum_j w[W-1-j] * dp[j] * [seq(s+j) == seq(s)], dp/ss start at s.
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ A conv_dx(const A* w, const A* dp, const int* ss, int s_s) {
+    A acc = A(0);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) {
+        A g = dp[j];
+        if (kSeq) g = ss[j] == s_s ? g : A(0);
+        acc = conv_fma(w[kW - 1 - j], g, acc);
+    }
+    return acc;
+}
+
+// ============================================================================================
+// Backward, channel-first
+// ============================================================================================
+
+// One lane's kItems steps: everything from registers. xv: [kH halo | kItems own | kH next],
+// gv (dout): [kItems own | kH next], sv like xv. Writes dx into dxo, adds partials, and for the
+// row's first lane computes dinit (m = 0..kH-1, time m - kH) without dfinal.
+template <int kW, int kItems, bool kSeq, bool kSilu, typename A>
+__device__ __forceinline__ void conv_bwd_cf_compute(A* dxo, A* dinit, A* pw, A& pb, const A* xv, const A* gv,
+                                                    const int* sv, const A* w, A bias, int64_t t0,
+                                                    int64_t L, bool first) {
+    constexpr int kH = kW - 1;
+    A dp[kItems + kH];
+#pragma unroll
+    for (int q = 0; q < kItems + kH; ++q)
+        dp[q] = conv_dpre<kW, kSeq, kSilu>(w, bias, xv + q, sv + q, sv[kH + q], gv[q], t0 + q < L);
+#pragma unroll
+    for (int q = 0; q < kItems; ++q) conv_accum<kW, kSeq>(pw, pb, dp[q], xv + q, sv + q, sv[kH + q]);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) dxo[i] = conv_dx<kW, kSeq>(w, dp + i, sv + kH + i, sv[kH + i]);
+    if (first) {
+        // dinit[m] for time s = m - kH: positions s + j >= 0 only; seq(s) = seq(0) = sv[kH].
+#pragma unroll
+        for (int m = 0; m < kH; ++m) {
+            A acc = A(0);
+#pragma unroll
+            for (int j = kH - m; j < kW; ++j) {
+                const int q = m - kH + j;   // position index (>= 0)
+                A g = dp[q];
+                if (kSeq) g = sv[kH + q] == sv[kH] ? g : A(0);
+                acc = conv_fma(w[kW - 1 - j], g, acc);
+            }
+            dinit[m] = acc;
+        }
+    }
+}
+
+template <typename T, typename TW, int kW>
+__global__ void __launch_bounds__(32 * kConvCFWarps)
+causal_conv1d_bwd_cf(const ConvBwdParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kItems = ConvTraits<T>::kBwdItems;
+    constexpr int kH = kW - 1;
+    constexpr int kSeg = 32 * kItems;
+    static_assert(kH < kItems, "a lane's halo must lie within the neighbouring lane");
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t grp = blk % p.n_seg;
+    const int64_t rest = blk / p.n_seg;
+    const int64_t b = rest / p.n_dgroups;
+    const int64_t d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    if (d >= p.dim) return;  // warp-uniform; no block barriers in this kernel
+    const int64_t L = p.seqlen;
+
+    const T* x = (const T*)p.x + b * p.x_b + d * p.x_d;
+    const T* dout = (const T*)p.dout + b * p.dout_b + d * p.dout_d;
+    T* dx = (T*)p.dx + b * p.dx_b + d * p.dx_d;
+    const T* init = (const T*)p.initial_states + b * p.init_b + d * p.init_d;
+    const T* dfin = (const T*)p.dfinal_states + b * p.dfin_b + d * p.dfin_d;
+    const bool has_seq = p.seq_idx != nullptr;
+    const int32_t* seq = p.seq_idx + b * p.seq_b;
+    const int s0 = has_seq ? seq[0] : 0;
+
+    A w[kW];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) w[k] = A(conv_val(((const TW*)p.weight)[d * p.w_d + k * p.w_k]));
+    const A bias = p.bias ? A(conv_val(((const TW*)p.bias)[d * p.bias_s])) : A(0);
+
+    A pw[kW], pb = A(0);
+#pragma unroll
+    for (int k = 0; k < kW; ++k) pw[k] = A(0);
+
+    for (int it = 0; it < kConvCFBwdIters; ++it) {
+        const int64_t s_start = (grp * kConvCFBwdIters + it) * kSeg;
+        if (s_start >= L) break;  // warp-uniform
+        const int64_t t0 = s_start + lane * kItems;
+
+        A xv[kH + kItems + kH], gv[kItems + kH];
+        int sv[kH + kItems + kH];
+        conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, p.x_vec);
+        conv_load_row<kItems>(gv, dout, t0, L, p.dout_l, p.dout_vec);
+        if (has_seq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec);
+        else {
+#pragma unroll
+            for (int i = 0; i < kItems; ++i) sv[kH + i] = 0;
+        }
+        // halos from the neighbouring lanes
+#pragma unroll
+        for (int j = 0; j < kH; ++j) {
+            xv[j] = conv_shfl_up(xv[kItems + j]);
+            sv[j] = conv_shfl_up(sv[kItems + j]);
+            xv[kH + kItems + j] = conv_shfl_down(xv[kH + j]);
+            gv[kItems + j] = conv_shfl_down(gv[j]);
+            sv[kH + kItems + j] = conv_shfl_down(sv[kH + j]);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < kH; ++j) {
+                const int64_t t = t0 - kH + j;
+                if (t >= 0) {
+                    xv[j] = A(conv_val(x[t * p.x_l]));
+                    sv[j] = has_seq ? seq[t * p.seq_l] : 0;
+                } else {
+                    xv[j] = p.initial_states ? A(conv_val(init[(kH + t) * p.init_k])) : A(0);
+                    sv[j] = s0;
+                }
+            }
+        }
+        if (lane == 31) {
+#pragma unroll
+            for (int j = 0; j < kH; ++j) {
+                const int64_t t = t0 + kItems + j;
+                const bool in = t < L;
+                xv[kH + kItems + j] = in ? A(conv_val(x[t * p.x_l])) : A(0);
+                gv[kItems + j] = in ? A(conv_val(dout[t * p.dout_l])) : A(0);
+                sv[kH + kItems + j] = in && has_seq ? seq[t * p.seq_l] : 0;
+            }
+        }
+
+        A dxo[kItems], dinit[kH > 0 ? kH : 1];
+        const bool first = t0 == 0;
+        if (has_seq) {
+            if (p.silu) conv_bwd_cf_compute<kW, kItems, true, true>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
+            else conv_bwd_cf_compute<kW, kItems, true, false>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
+        } else {
+            if (p.silu) conv_bwd_cf_compute<kW, kItems, false, true>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
+            else conv_bwd_cf_compute<kW, kItems, false, false>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
+        }
+        if (p.dfinal_states) {
+#pragma unroll
+            for (int i = 0; i < kItems; ++i) {
+                const int64_t t = t0 + i;
+                if (t >= L - kH && t < L) dxo[i] += A(conv_val(dfin[(t - (L - kH)) * p.dfin_k]));
+            }
+        }
+        conv_store_row<kItems>(dx, t0, L, p.dx_l, p.dx_vec, dxo);
+        if (first && p.dinitial_states) {
+            T* dinit_out = (T*)p.dinitial_states + b * p.dinit_b + d * p.dinit_d;
+#pragma unroll
+            for (int m = 0; m < kH; ++m) {
+                const int64_t t = m - kH;
+                A v = dinit[m];
+                if (p.dfinal_states && t >= L - kH) v += A(conv_val(dfin[(t - (L - kH)) * p.dfin_k]));
+                dinit_out[m * p.dinit_k] = Convert<T>::from(v);
+            }
+        }
+    }
+
+    // Warp reduction of the partials (fixed butterfly order), one write per (group, channel).
+#pragma unroll
+    for (int m = 16; m >= 1; m /= 2) {
+#pragma unroll
+        for (int k = 0; k < kW; ++k) pw[k] += conv_shfl_xor(pw[k], m);
+        pb += conv_shfl_xor(pb, m);
+    }
+    if (lane == 0) {
+        A* ws = (A*)p.partials + ((b * p.n_seg + grp) * p.dim + d) * (kW + 1);
+#pragma unroll
+        for (int k = 0; k < kW; ++k) ws[k] = pw[k];
+        ws[kW] = pb;
+    }
+}
+
+// ============================================================================================
+// Backward, channel-last
+// ============================================================================================
+
+// Slide over one thread's staged steps: positions q = 0..kSteps+kH-1 (time t0+q). dpre[q] needs
+// the kW inputs ending at q; dx at i = q - kH needs dpre[i .. q]. Both windows live in
+// registers; dx is stored as soon as it is complete.
+template <int kW, int kSteps, int kVec, bool kSeq, bool kSilu, typename T, typename A>
+__device__ __forceinline__ void conv_bwd_cl_steps(const ConvBwdParams& p, T* dx, const T* dfin, int nvalid,
+                                                  const ConvPacked<T, kVec>* xraw, const ConvPacked<T, kVec>* graw,
+                                                  const int* sv, const A (*w)[kW], const A* bias,
+                                                  A (*pw)[kW], A* pb, int64_t t0, int64_t L, T* dinit_out) {
+    constexpr int kH = kW - 1;
+    A xw[kW][kVec], dw[kW][kVec], dinit[kH][kVec];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) xw[k][c] = dw[k][c] = A(0);
+    }
+#pragma unroll
+    for (int m = 0; m < kH; ++m) {
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) dinit[m][c] = A(0);
+    }
+    const bool first = t0 == 0;
+    // the halo: inputs at times t0-kH .. t0-1 fill the x window
+#pragma unroll
+    for (int u = 0; u < kH; ++u) {
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) xw[u + 1][c] = A(conv_val(xraw[u].v[c]));
+    }
+#pragma unroll
+    for (int q = 0; q < kSteps + kH; ++q) {
+#pragma unroll
+        for (int k = 0; k + 1 < kW; ++k) {
+#pragma unroll
+            for (int c = 0; c < kVec; ++c) {
+                xw[k][c] = xw[k + 1][c];
+                dw[k][c] = dw[k + 1][c];
+            }
+        }
+        const int* ss = sv + q;          // seq ids of the window ending at q
+        const int s_t = sv[kH + q];
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+            xw[kW - 1][c] = A(conv_val(xraw[kH + q].v[c]));
+            A xs[kW];
+#pragma unroll
+            for (int k = 0; k < kW; ++k) xs[k] = xw[k][c];
+            const A dp = conv_dpre<kW, kSeq, kSilu>(w[c], bias[c], xs, ss, s_t, A(conv_val(graw[q].v[c])), t0 + q < L);
+            if (q < kSteps) conv_accum<kW, kSeq>(pw[c], pb[c], dp, xs, ss, s_t);
+            dw[kW - 1][c] = dp;
+            if (q < kH && first) {
+                // dinit[m] (time m - kH) gets w[m - q] * dpre[q] for q <= m, if seq(q) == seq(0)
+                const A g = (!kSeq || s_t == sv[kH]) ? dp : A(0);
+#pragma unroll
+                for (int m = q; m < kH; ++m) dinit[m][c] = conv_fma(w[c][m - q], g, dinit[m][c]);
+            }
+        }
+        if (q >= kH) {
+            const int i = q - kH;
+            const int64_t t = t0 + i;
+            if (t < L) {
+                A o[kVec];
+#pragma unroll
+                for (int c = 0; c < kVec; ++c) {
+                    A dps[kW];
+#pragma unroll
+                    for (int k = 0; k < kW; ++k) dps[k] = dw[k][c];
+                    o[c] = conv_dx<kW, kSeq>(w[c], dps, sv + kH + i, sv[kH + i]);
+                }
+                if (p.dfinal_states && t >= L - kH) {
+                    A f[kVec];
+                    conv_load_chans<kVec, A>(f, dfin + (t - (L - kH)) * p.dfin_k, p.dfin_d, nvalid, false);
+#pragma unroll
+                    for (int c = 0; c < kVec; ++c) o[c] += f[c];
+                }
+                conv_store_chans<kVec>(dx + t * p.dx_l, p.dx_d, nvalid, p.dx_vec, o);
+            }
+        }
+    }
+    if (first && dinit_out) {
+#pragma unroll
+        for (int m = 0; m < kH; ++m) {
+            const int64_t t = m - kH;
+            if (p.dfinal_states && t >= L - kH) {
+                A f[kVec];
+                conv_load_chans<kVec, A>(f, dfin + (t - (L - kH)) * p.dfin_k, p.dfin_d, nvalid, false);
+#pragma unroll
+                for (int c = 0; c < kVec; ++c) dinit[m][c] += f[c];
+            }
+            conv_store_chans<kVec>(dinit_out + m * p.dinit_k, p.dinit_d, nvalid, false, dinit[m]);
+        }
+    }
+}
+
+template <typename T, typename TW, int kW>
+__global__ void __launch_bounds__(32 * kConvCLWarps)
+causal_conv1d_bwd_cl(const ConvBwdParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kVec = ConvTraits<T>::kBwdVec;
+    constexpr int kSteps = ConvTraits<T>::kBwdSteps;
+    constexpr int kH = kW - 1;
+    constexpr int kSlice = kConvCLWarps * kSteps;      // time steps of one block iteration
+    const int lane = threadIdx.x & 31;
+    const int ty = threadIdx.x >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t db = blk % p.n_dgroups;
+    const int64_t rest = blk / p.n_dgroups;
+    const int64_t tb = rest % p.n_seg;
+    const int64_t b = rest / p.n_seg;
+    const int64_t d0 = (db * 32 + lane) * kVec;
+    const int64_t L = p.seqlen;
+    // No early return: every thread reaches the barrier of the partial reduction below.
+    const bool active = d0 < p.dim;
+    const int nvalid = active ? (int)min((int64_t)kVec, p.dim - d0) : 0;
+
+    A pw[kVec][kW], pb[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) {
+        pb[c] = A(0);
+#pragma unroll
+        for (int k = 0; k < kW; ++k) pw[c][k] = A(0);
+    }
+
+    if (active) {
+        A w[kVec][kW], bias[kVec];
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+            const bool ok = c < nvalid;
+#pragma unroll
+            for (int k = 0; k < kW; ++k)
+                w[c][k] = ok ? A(conv_val(((const TW*)p.weight)[(d0 + c) * p.w_d + k * p.w_k])) : A(0);
+            bias[c] = ok && p.bias ? A(conv_val(((const TW*)p.bias)[(d0 + c) * p.bias_s])) : A(0);
+        }
+        const bool has_seq = p.seq_idx != nullptr;
+        const int32_t* seq = p.seq_idx + b * p.seq_b;
+        const int s0 = has_seq ? seq[0] : 0;
+        const T* x = (const T*)p.x + b * p.x_b + d0 * p.x_d;
+        const T* dout = (const T*)p.dout + b * p.dout_b + d0 * p.dout_d;
+        T* dx = (T*)p.dx + b * p.dx_b + d0 * p.dx_d;
+        const T* init = (const T*)p.initial_states + b * p.init_b + d0 * p.init_d;
+        const T* dfin = (const T*)p.dfinal_states + b * p.dfin_b + d0 * p.dfin_d;
+        T* dinit_out = p.dinitial_states ? (T*)p.dinitial_states + b * p.dinit_b + d0 * p.dinit_d : nullptr;
+
+        for (int it = 0; it < kConvCLBwdIters; ++it) {
+            const int64_t t0 = (tb * kConvCLBwdIters + it) * kSlice + ty * kSteps;
+            if (t0 >= L) break;  // warp-uniform
+            // x at times t0-kH .. t0+kSteps+kH-1, dout at t0 .. t0+kSteps+kH-1 (raw words)
+            ConvPacked<T, kVec> xraw[kH + kSteps + kH], graw[kSteps + kH];
+            int sv[kH + kSteps + kH];
+            conv_stage_cl<kH + kSteps + kH, kH>(xraw, sv, x, p.x_l, p.x_d, p.x_vec, init, p.init_k, p.init_d,
+                                                p.initial_states != nullptr, seq, p.seq_l, has_seq, s0, t0, L, nvalid);
+            if (p.dout_vec && nvalid == kVec && t0 + kSteps + kH <= L) {
+                const T* pg = dout + t0 * p.dout_l;
+#pragma unroll
+                for (int q = 0; q < kSteps + kH; ++q)
+                    graw[q].raw = *reinterpret_cast<const typename ConvRaw<sizeof(T) * kVec>::type*>(pg + q * p.dout_l);
+            } else {
+#pragma unroll
+                for (int q = 0; q < kSteps + kH; ++q) {
+                    const int64_t t = t0 + q;
+                    if (t < L) conv_load_chans_raw(graw[q], dout + t * p.dout_l, p.dout_d, nvalid, p.dout_vec);
+                    else conv_zero_raw(graw[q]);
+                }
+            }
+            if (has_seq) {
+                if (p.silu) conv_bwd_cl_steps<kW, kSteps, kVec, true, true>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
+                else conv_bwd_cl_steps<kW, kSteps, kVec, true, false>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
+            } else {
+                if (p.silu) conv_bwd_cl_steps<kW, kSteps, kVec, false, true>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
+                else conv_bwd_cl_steps<kW, kSteps, kVec, false, false>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
+            }
+        }
+    }
+
+    // Block reduction over the warps (same channels, different time slices), fixed order.
+    __shared__ A red[kConvCLWarps][kW + 1][32 * kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) {
+#pragma unroll
+        for (int k = 0; k < kW; ++k) red[ty][k][lane * kVec + c] = pw[c][k];
+        red[ty][kW][lane * kVec + c] = pb[c];
+    }
+    __syncthreads();
+    if (ty == 0 && active) {
+#pragma unroll
+        for (int c = 0; c < kVec; ++c) {
+            if (c < nvalid) {
+                A* ws = (A*)p.partials + ((b * p.n_seg + tb) * p.dim + d0 + c) * (kW + 1);
+#pragma unroll
+                for (int k = 0; k <= kW; ++k) {
+                    A s = red[0][k][lane * kVec + c];
+#pragma unroll
+                    for (int y = 1; y < kConvCLWarps; ++y) s += red[y][k][lane * kVec + c];
+                    ws[k] = s;
+                }
+            }
+        }
+    }
+}
+
+// ============================================================================================
+// Backward, second pass: dweight[d, k], dbias[d] = sum over the P partials, in index order.
+// One thread per (d, k); reads of consecutive threads are consecutive (coalesced).
+// ============================================================================================
+
+template <typename TW>
+__global__ void __launch_bounds__(kConvReduceThreads)
+causal_conv1d_bwd_reduce(const ConvReduceParams p) {
+    typedef typename Acc<TW>::type A;
+    const int64_t n = p.dim * (p.width + 1);
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const A* ws = (const A*)p.partials;
+    A s = A(0);
+    for (int64_t j = 0; j < p.n_partials; ++j) s += ws[j * n + i];
+    const int64_t d = i / (p.width + 1);
+    const int k = (int)(i % (p.width + 1));
+    if (k < p.width) ((TW*)p.dweight)[d * p.w_d + k * p.w_k] = Convert<TW>::from(s);
+    else if (p.dbias) ((TW*)p.dbias)[d * p.bias_s] = Convert<TW>::from(s);
+}
+
+// ============================================================================================
+// Decode update
+// ============================================================================================
+
+__device__ __forceinline__ int64_t conv_mod(int64_t a, int64_t n) {
+    int64_t r = a % n;
+    return r < 0 ? r + n : r;
+}
+
+// T: x/out, TS: conv_state, TW: weight/bias. Width is a runtime value (<= 8): the call is
+// launch-bound, one variant serves every width. The window is right-aligned in kMaxWidth-1
+// registers (win[kMaxWidth-2] = the step just before the current token).
+template <typename T, typename TS, typename TW>
+__global__ void __launch_bounds__(kConvUpdateThreads)
+causal_conv1d_update(const ConvUpdateParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kM = kConvMaxWidth;
+    const int64_t blk = blockIdx.x;
+    const int64_t b = blk / p.n_dblocks;
+    const int64_t d = (blk % p.n_dblocks) * kConvUpdateThreads + threadIdx.x;
+    if (d >= p.dim) return;
+    const int W = p.width;
+    const int64_t S = p.state_len;
+    const int64_t n = p.new_len;
+    const T* x = (const T*)p.x + b * p.x_b + d * p.x_d;
+    T* out = (T*)p.out + b * p.out_b + d * p.out_d;
+    const int64_t row = p.state_indices ? (int64_t)p.state_indices[b * p.idx_s] : b;
+    if (row < 0) {  // padding row: state untouched, output zeros
+        for (int64_t t = 0; t < n; ++t) out[t * p.out_l] = Convert<T>::from(A(0));
+        return;
+    }
+    TS* st = (TS*)p.conv_state + row * p.st_b + d * p.st_d;
+
+    // wr[m]: weight of the input m - (kM-1) steps before the current token (right-aligned).
+    A wr[kM], win[kM - 1];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) {
+        const int k = m - (kM - W);
+        wr[m] = k >= 0 ? A(conv_val(((const TW*)p.weight)[d * p.w_d + k * p.w_k])) : A(0);
+    }
+    const A bias = p.bias ? A(conv_val(((const TW*)p.bias)[d * p.bias_s])) : A(0);
+    const int64_t start = p.cache_seqlens ? (int64_t)p.cache_seqlens[b * p.csl_s] : 0;
+#pragma unroll
+    for (int m = 0; m < kM - 1; ++m) {
+        const int j = kM - 1 - m;  // steps back
+        A v = A(0);
+        if (j <= W - 1) {
+            const int64_t pos = p.cache_seqlens ? conv_mod(start - j, S) : S - j;
+            v = A(conv_val(st[pos * p.st_s]));
+        }
+        win[m] = v;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+        const A xt = A(conv_val(x[t * p.x_l]));
+        A acc = conv_fma(wr[kM - 1], xt, bias);
+#pragma unroll
+        for (int m = 0; m < kM - 1; ++m)
+            if (m >= kM - W) acc = conv_fma(wr[m], win[m], acc);
+        if (p.silu) acc = conv_silu(acc);
+        out[t * p.out_l] = Convert<T>::from(acc);
+#pragma unroll
+        for (int m = 0; m < kM - 2; ++m) win[m] = win[m + 1];
+        win[kM - 2] = xt;
+    }
+    if (p.cache_seqlens) {
+        // ring buffer: token t lands at (start + t) % S; a later token overwrites an earlier one
+        for (int64_t t = 0; t < n; ++t)
+            st[conv_mod(start + t, S) * p.st_s] = Convert<TS>::from(A(conv_val(x[t * p.x_l])));
+    } else {
+        // shift register: state = last S steps of concat(state, x). Ascending i reads index
+        // i + n before anything at or above it is written.
+        for (int64_t i = 0; i < S; ++i) {
+            const int64_t src = i + n;
+            if (src < S) st[i * p.st_s] = st[src * p.st_s];
+            else st[i * p.st_s] = Convert<TS>::from(A(conv_val(x[(src - S) * p.x_l])));
+        }
+    }
+}
+
+}  // namespace ssm
