@@ -119,6 +119,32 @@ __device__ __forceinline__ double softplus(double x) { return x <= 20.0 ? log1p(
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 template <typename T> __device__ __forceinline__ T silu(T x) { return x * sigmoid(x); }
+
+// Fast fp32 versions for the per-element epilogues (special-function unit: ~2 ulp). fp64 keeps
+// the accurate ones. softplus keeps log1p's accuracy for tiny exp(x) with the classic
+// correction log1p(e) = log(u) * e / (u - 1), u = 1 + e (u - 1 is exact).
+__device__ __forceinline__ float rcp_fast(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float log2_fast(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ float sigmoid_fast(float x) { return rcp_fast(1.f + exp2_fast(-x * kLog2e)); }
+__device__ __forceinline__ double sigmoid_fast(double x) { return sigmoid(x); }
+__device__ __forceinline__ float silu_fast(float x) { return x * sigmoid_fast(x); }
+__device__ __forceinline__ double silu_fast(double x) { return silu(x); }
+__device__ __forceinline__ float softplus_fast(float x) {
+    if (x > 20.f) return x;
+    const float e = exp2_fast(x * kLog2e);
+    const float u = 1.f + e;
+    const float lu = log2_fast(u) * 0.6931471805599453f;
+    return u == 1.f ? e : lu * (e * rcp_fast(u - 1.f));
+}
+__device__ __forceinline__ double softplus_fast(double x) { return softplus(x); }
 // d/dx silu(x) = s (1 + x (1 - s)) with s = sigmoid(x)
 template <typename T> __device__ __forceinline__ T silu_grad(T x) {
     T s = sigmoid(x);

@@ -43,224 +43,296 @@ template <typename R> __device__ __forceinline__ complex<R> conj_times(R dy, com
     return {R(2) * dy * h.re, -R(2) * dy * h.im};   // dC = 2 dy conj(h)
 }
 
+// Load/store kN steps: kFast = whole aligned vectors, no bounds checks (the host's vec_ok and
+// a full chunk); otherwise checked, strided.
+template <bool kFast, typename T, int kN, typename A>
+__device__ __forceinline__ void bload(const T* row, int64_t stride, int64_t t0, int64_t L, A (&out)[kN]) {
+    if (kFast) {
+        Vec<T, kN> v;
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) out[i] = A(to_acc(v.e[i]));
+    } else {
+        load_seg(row, stride, t0, L, out, A(0));
+    }
+}
+template <bool kFast, typename T, int kN, typename A>
+__device__ __forceinline__ void bstore(T* row, int64_t stride, int64_t t0, int64_t L, const A (&in)[kN]) {
+    if (kFast) {
+        Vec<T, kN> v;
+#pragma unroll
+        for (int i = 0; i < kN; ++i) v.e[i] = Convert<T>::from(in[i]);
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) ((uint4*)(row + t0))[k] = v.w[k];
+    } else {
+        store_seg(row, stride, t0, L, in);
+    }
+}
+template <bool kFast, typename T, typename S, int kN>
+__device__ __forceinline__ void bload_bc(const T* row, int64_t stride, int64_t t0, int64_t L, S (&out)[kN]) {
+    Vec<T, kN> v;
+    if (kFast) {
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
+    } else {
+        load_raw(row, stride, t0, L, v);
+    }
+#pragma unroll
+    for (int i = 0; i < kN; ++i) out[i] = Ld<S>::from(v.e[i]);
+}
+
+// A warp's channel and its shared-memory slots, set up once.
+template <typename In, typename W> struct BwdWarp {
+    typedef typename RealOf<W>::type R;
+    typedef typename VarBC<In, W>::type BCs;
+    const In *u, *dl, *z, *dout;
+    In *du, *ddl, *dz;
+    const W* A;
+    const BCs *Bg, *Cg;
+    const W *Bc, *Cc;
+    const W* saved;
+    const W* init;           // this (b, d)'s initial state (stride init_n) or null
+    W *dX, *dA_acc, *dBc_acc, *dCc_acc;
+    W* slices;
+    int64_t part_row;
+    R Dv, bias;
+    R dD_lane, dbias_lane;
+    int par;
+};
+
+template <bool kFast, typename In, typename W, bool kVarB, bool kVarC>
+__device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<In, W>& w, int64_t c,
+                                          bool active, int lane, int warp, int warps) {
+    typedef W S;
+    typedef typename RealOf<W>::type R;
+    constexpr int T = kBwdItems;
+    const int tid = warp * 32 + lane, nthreads = warps * 32;
+    const int64_t N = p.dstate, L = p.seqlen;
+    const int64_t c0 = c * kBwdChunk;
+    const int64_t t0 = c0 + lane * T;
+    R u[T], dl[T], dy[T], du[T], ddl[T], y[T];
+    R sum_dl = 0;
+    if (active) {
+        bload<kFast>(w.u, p.u_l, t0, L, u);
+        bload<kFast>(w.dl, p.delta_l, t0, L, dl);
+        bload<kFast>(w.dout, p.dout_l, t0, L, dy);
+        if (w.z) {
+            R zv[T];
+            bload<kFast>(w.z, p.z_l, t0, L, zv);
+#pragma unroll
+            for (int i = 0; i < T; ++i) dy[i] *= silu_fast(zv[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+        const bool live = active && (kFast || t0 + i < L);
+        if (!live) { u[i] = R(0); dy[i] = R(0); }
+        R v = dl[i] + w.bias;
+        v = p.delta_softplus ? softplus_fast(v) : v;
+        dl[i] = live ? v : R(0);
+        sum_dl += dl[i];
+        y[i] = w.Dv * u[i];
+        du[i] = w.Dv * dy[i];
+        ddl[i] = R(0);
+        w.dD_lane += dy[i] * u[i];
+    }
+    const typename VarBC<In, W>::type* bp = w.Bg + (kVarB ? 0 : 0);
+    const typename VarBC<In, W>::type* cp = w.Cg;
+    for (int64_t n = 0; n < N; ++n, bp += p.B_n, cp += p.C_n) {
+        S dBt[T], dCt[T];   // this warp's dB/dC contributions for (n, its steps)
+        if (active) {
+            const S Araw = w.A[n * p.A_n];
+            const S A2 = prescale(Araw);
+            S Bv[T], Cv[T];
+            if (kVarB) bload_bc<kFast>(bp, p.B_l, t0, L, Bv);
+            else {
+                const S b = w.Bc[n * p.B_n];
+#pragma unroll
+                for (int i = 0; i < T; ++i) Bv[i] = b;
+            }
+            if (kVarC) bload_bc<kFast>(cp, p.C_l, t0, L, Cv);
+            else {
+                const S cc = w.Cc[n * p.C_n];
+#pragma unroll
+                for (int i = 0; i < T; ++i) Cv[i] = cc;
+            }
+            // 1. forward replay from the chunk's start state
+            S dA[T], h[T];
+            S bt = S(0);
+#pragma unroll
+            for (int i = 0; i < T; ++i) {
+                dA[i] = gate(dl[i], A2);
+                bt = dA[i] * bt + Bv[i] * (dl[i] * u[i]);
+            }
+            const S a_own = gate(sum_dl, A2);
+            S at = a_own;
+            warp_exclusive_scan(at, bt, lane);
+            S h_start = S(0);
+            if (c > 0) h_start = w.saved[(c - 1) * N + n];
+            else if (w.init) h_start = w.init[n * p.init_n];
+            const S h_in = at * h_start + bt;
+            S hv = h_in;
+#pragma unroll
+            for (int i = 0; i < T; ++i) {
+                hv = dA[i] * hv + Bv[i] * (dl[i] * u[i]);
+                h[i] = hv;
+                y[i] += readout(Cv[i], hv);
+            }
+            // 2. adjoint: local pass with zero carry, then the reverse warp scan
+            S q = S(0);
+#pragma unroll
+            for (int i = T - 1; i >= 0; --i) q = conj(dA[i]) * (readout_grad(Cv[i], dy[i]) + q);
+            S ar = conj(a_own);
+            warp_exclusive_scan_reverse(ar, q, lane);
+            S X = ar * w.dX[n] + q;
+            // 3. per-element gradients, walking back in time
+            S dA_sum = S(0);
+#pragma unroll
+            for (int i = T - 1; i >= 0; --i) {
+                const S dh = readout_grad(Cv[i], dy[i]) + X;
+                const S hp = i > 0 ? h[i - 1] : h_in;
+                const S Ga = dh * conj(hp);
+                ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh * conj(Bv[i] * u[i]));
+                dA_sum += Ga * conj(dA[i]) * dl[i];
+                du[i] += re_part(dh * conj(Bv[i] * dl[i]));
+                dBt[i] = dh * (dl[i] * u[i]);
+                dCt[i] = conj_times(dy[i], h[i]);
+                X = conj(dA[i]) * dh;
+            }
+            dA_sum = warp_sum(dA_sum);
+            if (!kVarB) {
+                S s = S(0);
+#pragma unroll
+                for (int i = 0; i < T; ++i) s += dBt[i];
+                s = warp_sum(s);
+                if (lane == 0) w.dBc_acc[n] = w.dBc_acc[n] + s;
+            }
+            if (!kVarC) {
+                S s = S(0);
+#pragma unroll
+                for (int i = 0; i < T; ++i) s += dCt[i];
+                s = warp_sum(s);
+                if (lane == 0) w.dCc_acc[n] = w.dCc_acc[n] + s;
+            }
+            __syncwarp();
+            if (lane == 0) { w.dX[n] = X; w.dA_acc[n] = w.dA_acc[n] + dA_sum; }
+            __syncwarp();
+        } else {
+#pragma unroll
+            for (int i = 0; i < T; ++i) { dBt[i] = S(0); dCt[i] = S(0); }
+        }
+        if (kVarB || kVarC) {
+            // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
+            // then each thread sums the warps for its steps. Slices are double buffered by
+            // state parity, so one barrier per state suffices.
+            S* sl = w.slices + w.par * 2 * warps * kBwdChunk;
+            if (kVarB) {
+#pragma unroll
+                for (int i = 0; i < T; ++i) sl[warp * kBwdChunk + lane * T + i] = dBt[i];
+            }
+            if (kVarC) {
+#pragma unroll
+                for (int i = 0; i < T; ++i) sl[(warps + warp) * kBwdChunk + lane * T + i] = dCt[i];
+            }
+            __syncthreads();
+            for (int e = tid; e < 2 * kBwdChunk; e += nthreads) {
+                const int which = e / kBwdChunk, t = e % kBwdChunk;
+                if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                const int64_t tt = c0 + t;
+                if (!kFast && tt >= L) continue;
+                S acc = S(0);
+                for (int ww = 0; ww < warps; ++ww) acc += sl[(which * warps + ww) * kBwdChunk + t];
+                S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part);
+                dst[(w.part_row + n) * L + tt] = acc;
+            }
+            w.par ^= 1;
+        }
+    }
+    if (active) {
+        // dz needs the finished y (all states); delta's chain rule needs the raw value.
+        if (w.z) {
+            R zv[T], go[T], dz[T];
+            bload<kFast>(w.z, p.z_l, t0, L, zv);
+            bload<kFast>(w.dout, p.dout_l, t0, L, go);
+#pragma unroll
+            for (int i = 0; i < T; ++i) dz[i] = go[i] * y[i] * silu_grad(zv[i]);
+            bstore<kFast>(w.dz, p.dz_l, t0, L, dz);
+        }
+        R raw[T];
+        bload<kFast>(w.dl, p.delta_l, t0, L, raw);
+#pragma unroll
+        for (int i = 0; i < T; ++i) {
+            if (p.delta_softplus) ddl[i] *= sigmoid_fast(raw[i] + w.bias);
+            if (kFast || t0 + i < L) w.dbias_lane += ddl[i];
+        }
+        bstore<kFast>(w.du, p.du_l, t0, L, du);
+        bstore<kFast>(w.ddl, p.ddelta_l, t0, L, ddl);
+    }
+}
+
 template <typename In, typename W, bool kVarB, bool kVarC>
 __global__ void __launch_bounds__(256, BwdMinBlocks<W>::value) selective_scan_bwd(const SelectiveScanParams p) {
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
-    constexpr int T = kBwdItems;
-
     const int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
-    const int tid = warp * 32 + lane, nthreads = warps * 32;
     const ChannelMap m(p, warp, warps);
     const int64_t N = p.dstate, L = p.seqlen;
     const int64_t blk_k = blockIdx.x % p.blocks_per_group;
 
     // Shared memory, in the order the host sizes it (ssmkit/ops/selective_scan.py, bwd_smem).
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    S* slices = (S*)smem_raw;                                       // [2][2][warps][chunk]
+    BwdWarp<In, W> w;
+    w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = slices + (n_var ? 2 * 2 * warps * kBwdChunk : 0);
-    S* dX = per_warp + warp * N;                                    // adjoint carry per state
-    S* dA_acc = per_warp + (warps + warp) * N;
-    S* dBc_acc = per_warp + (2 * warps + warp) * N;                 // constant B only
-    S* dCc_acc = per_warp + ((kVarB ? 2 : 3) * warps + warp) * N;   // constant C only
+    S* per_warp = w.slices + (n_var ? 2 * 2 * warps * kBwdChunk : 0);
+    w.dX = per_warp + warp * N;                                     // adjoint carry per state
+    w.dA_acc = per_warp + (warps + warp) * N;
+    w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
+    w.dCc_acc = per_warp + ((kVarB ? 2 : 3) * warps + warp) * N;    // constant C only
 
     for (int n = lane; n < N; n += 32) {
         S x0 = S(0);
         if (p.dlast_state && m.active)
             x0 = ((const S*)p.dlast_state)[m.b * p.dlast_b + m.d * p.dlast_d + n * p.dlast_n];
-        dX[n] = x0;
-        dA_acc[n] = S(0);
-        if (!kVarB) dBc_acc[n] = S(0);
-        if (!kVarC) dCc_acc[n] = S(0);
+        w.dX[n] = x0;
+        w.dA_acc[n] = S(0);
+        if (!kVarB) w.dBc_acc[n] = S(0);
+        if (!kVarC) w.dCc_acc[n] = S(0);
     }
     __syncwarp();
-
-    const In* u_row = (const In*)p.u + m.b * p.u_b + m.d * p.u_d;
-    const In* dl_row = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
-    const In* z_row = (const In*)p.z + m.b * p.z_b + m.d * p.z_d;
-    const In* dout_row = (const In*)p.dout + m.b * p.dout_b + m.d * p.dout_d;
-    const S* A_row = (const S*)p.A + m.d * p.A_d;
-    const R Dv = p.D ? ((const R*)p.D)[m.d * p.D_s] : R(0);
-    const R bias = p.delta_bias ? ((const R*)p.delta_bias)[m.d * p.delta_bias_s] : R(0);
-    const BCs* Bg = (const BCs*)p.B + m.b * p.B_b + m.g * p.B_g;
-    const BCs* Cg = (const BCs*)p.C + m.b * p.C_b + m.g * p.C_g;
-    const S* Bc = (const S*)p.B + m.d * p.B_g;
-    const S* Cc = (const S*)p.C + m.d * p.C_g;
-    const S* saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
-    const int64_t part_row = ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
-    R dD_lane = 0, dbias_lane = 0;
-    int par = 0;
+    w.u = (const In*)p.u + m.b * p.u_b + m.d * p.u_d;
+    w.dl = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
+    w.z = p.z ? (const In*)p.z + m.b * p.z_b + m.d * p.z_d : nullptr;
+    w.dout = (const In*)p.dout + m.b * p.dout_b + m.d * p.dout_d;
+    w.du = (In*)p.du + m.b * p.du_b + m.d * p.du_d;
+    w.ddl = (In*)p.ddelta + m.b * p.ddelta_b + m.d * p.ddelta_d;
+    w.dz = p.dz ? (In*)p.dz + m.b * p.dz_b + m.d * p.dz_d : nullptr;
+    w.A = (const S*)p.A + m.d * p.A_d;
+    w.Dv = p.D ? ((const R*)p.D)[m.d * p.D_s] : R(0);
+    w.bias = p.delta_bias ? ((const R*)p.delta_bias)[m.d * p.delta_bias_s] : R(0);
+    w.Bg = (const BCs*)p.B + m.b * p.B_b + m.g * p.B_g;
+    w.Cg = (const BCs*)p.C + m.b * p.C_b + m.g * p.C_g;
+    w.Bc = (const S*)p.B + m.d * p.B_g;
+    w.Cc = (const S*)p.C + m.d * p.C_g;
+    w.saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
+    w.init = p.initial_state ? (const S*)p.initial_state + m.b * p.init_b + m.d * p.init_d : nullptr;
+    w.part_row = ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
+    w.dD_lane = 0;
+    w.dbias_lane = 0;
+    w.par = 0;
 
     const int64_t n_chunks = (L + kBwdChunk - 1) / kBwdChunk;
     for (int64_t c = n_chunks - 1; c >= 0; --c) {
-        const int64_t c0 = c * kBwdChunk;
-        const int64_t t0 = c0 + lane * T;
-        R u[T], dl[T], dy[T], du[T], ddl[T], y[T];
-        R sum_dl = 0;
-        if (m.active) {
-            load_seg(u_row, p.u_l, t0, L, u, R(0));
-            load_seg(dl_row, p.delta_l, t0, L, dl, R(0));
-            load_seg(dout_row, p.dout_l, t0, L, dy, R(0));
-            if (p.z) {
-                R zv[T];
-                load_seg(z_row, p.z_l, t0, L, zv, R(0));
-#pragma unroll
-                for (int i = 0; i < T; ++i) dy[i] *= silu(zv[i]);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < T; ++i) {
-            const bool live = m.active && t0 + i < L;
-            if (!live) { u[i] = R(0); dy[i] = R(0); }
-            dl[i] = live ? delta_eff(dl[i], bias, p.delta_softplus) : R(0);
-            sum_dl += dl[i];
-            y[i] = Dv * u[i];
-            du[i] = Dv * dy[i];
-            ddl[i] = R(0);
-            dD_lane += dy[i] * u[i];
-        }
-        {
-            for (int64_t n = 0; n < N; ++n) {
-                S dBt[T], dCt[T];   // this warp's dB/dC contributions for (n, its steps)
-                if (m.active) {
-                    const S Araw = A_row[n * p.A_n];
-                    const S A2 = prescale(Araw);
-                    S Bv[T], Cv[T];
-                    if (kVarB) {
-                        Vec<BCs, T> v;
-                        load_raw(Bg + n * p.B_n, p.B_l, t0, L, v);
-#pragma unroll
-                        for (int i = 0; i < T; ++i) Bv[i] = Ld<S>::from(v.e[i]);
-                    } else {
-                        const S b = Bc[n * p.B_n];
-#pragma unroll
-                        for (int i = 0; i < T; ++i) Bv[i] = b;
-                    }
-                    if (kVarC) {
-                        Vec<BCs, T> v;
-                        load_raw(Cg + n * p.C_n, p.C_l, t0, L, v);
-#pragma unroll
-                        for (int i = 0; i < T; ++i) Cv[i] = Ld<S>::from(v.e[i]);
-                    } else {
-                        const S cc = Cc[n * p.C_n];
-#pragma unroll
-                        for (int i = 0; i < T; ++i) Cv[i] = cc;
-                    }
-                    // 1. forward replay
-                    S dA[T], h[T];
-                    S bt = S(0);
-#pragma unroll
-                    for (int i = 0; i < T; ++i) {
-                        dA[i] = gate(dl[i], A2);
-                        bt = dA[i] * bt + Bv[i] * (dl[i] * u[i]);
-                    }
-                    const S a_own = gate(sum_dl, A2);
-                    S at = a_own;
-                    warp_exclusive_scan(at, bt, lane);
-                    S h_start = S(0);
-                    if (c > 0) h_start = saved[(c - 1) * N + n];
-                    else if (p.initial_state)
-                        h_start = ((const S*)p.initial_state)[m.b * p.init_b + m.d * p.init_d + n * p.init_n];
-                    const S h_in = at * h_start + bt;
-                    S hv = h_in;
-#pragma unroll
-                    for (int i = 0; i < T; ++i) {
-                        hv = dA[i] * hv + Bv[i] * (dl[i] * u[i]);
-                        h[i] = hv;
-                        y[i] += readout(Cv[i], hv);
-                    }
-                    // 2. adjoint: local pass with zero carry, then the reverse warp scan
-                    S q = S(0);
-#pragma unroll
-                    for (int i = T - 1; i >= 0; --i) q = conj(dA[i]) * (readout_grad(Cv[i], dy[i]) + q);
-                    S ar = conj(a_own);
-                    warp_exclusive_scan_reverse(ar, q, lane);
-                    S X = ar * dX[n] + q;
-                    // 3. per-element gradients, walking back in time
-                    S dA_sum = S(0);
-#pragma unroll
-                    for (int i = T - 1; i >= 0; --i) {
-                        const S dh = readout_grad(Cv[i], dy[i]) + X;
-                        const S hp = i > 0 ? h[i - 1] : h_in;
-                        const S Ga = dh * conj(hp);
-                        ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh * conj(Bv[i] * u[i]));
-                        dA_sum += Ga * conj(dA[i]) * dl[i];
-                        du[i] += re_part(dh * conj(Bv[i] * dl[i]));
-                        dBt[i] = dh * (dl[i] * u[i]);
-                        dCt[i] = conj_times(dy[i], h[i]);
-                        X = conj(dA[i]) * dh;
-                    }
-                    dA_sum = warp_sum(dA_sum);
-                    if (!kVarB) { S s = S(0);
-#pragma unroll
-                        for (int i = 0; i < T; ++i) s += dBt[i];
-                        s = warp_sum(s);
-                        if (lane == 0) dBc_acc[n] = dBc_acc[n] + s; }
-                    if (!kVarC) { S s = S(0);
-#pragma unroll
-                        for (int i = 0; i < T; ++i) s += dCt[i];
-                        s = warp_sum(s);
-                        if (lane == 0) dCc_acc[n] = dCc_acc[n] + s; }
-                    __syncwarp();
-                    if (lane == 0) { dX[n] = X; dA_acc[n] = dA_acc[n] + dA_sum; }
-                    __syncwarp();
-                } else {
-#pragma unroll
-                    for (int i = 0; i < T; ++i) { dBt[i] = S(0); dCt[i] = S(0); }
-                }
-                if (kVarB || kVarC) {
-                    // Fixed-order sum over the block's warps: write this warp's slice, one
-                    // barrier, then each thread sums the warps for its steps. Slices are double
-                    // buffered by state parity, so one barrier per state suffices.
-                    S* sl = slices + par * 2 * warps * kBwdChunk;
-                    if (kVarB) {
-#pragma unroll
-                        for (int i = 0; i < T; ++i) sl[warp * kBwdChunk + lane * T + i] = dBt[i];
-                    }
-                    if (kVarC) {
-#pragma unroll
-                        for (int i = 0; i < T; ++i) sl[(warps + warp) * kBwdChunk + lane * T + i] = dCt[i];
-                    }
-                    __syncthreads();
-                    for (int e = tid; e < 2 * kBwdChunk; e += nthreads) {
-                        const int which = e / kBwdChunk, t = e % kBwdChunk;
-                        if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-                        const int64_t tt = c0 + t;
-                        if (tt >= L) continue;
-                        S acc = S(0);
-                        for (int w = 0; w < warps; ++w) acc += sl[(which * warps + w) * kBwdChunk + t];
-                        S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part);
-                        dst[(part_row + n) * L + tt] = acc;
-                    }
-                    par ^= 1;
-                }
-            }
-        }
-        if (m.active) {
-            // dz needs the finished y (all states); delta's chain rule needs the raw value.
-            if (p.z) {
-                R zv[T], go[T], dz[T];
-                load_seg(z_row, p.z_l, t0, L, zv, R(0));
-                load_seg(dout_row, p.dout_l, t0, L, go, R(0));
-#pragma unroll
-                for (int i = 0; i < T; ++i) dz[i] = go[i] * y[i] * silu_grad(zv[i]);
-                store_seg((In*)p.dz + m.b * p.dz_b + m.d * p.dz_d, p.dz_l, t0, L, dz);
-            }
-            R raw[T];
-            load_seg(dl_row, p.delta_l, t0, L, raw, R(0));
-#pragma unroll
-            for (int i = 0; i < T; ++i) {
-                if (p.delta_softplus) ddl[i] *= sigmoid(raw[i] + bias);
-                if (t0 + i < L) dbias_lane += ddl[i];
-            }
-            store_seg((In*)p.du + m.b * p.du_b + m.d * p.du_d, p.du_l, t0, L, du);
-            store_seg((In*)p.ddelta + m.b * p.ddelta_b + m.d * p.ddelta_d, p.ddelta_l, t0, L, ddl);
-        }
+        // Block-uniform choice (all warps share the chunk): barriers inside stay uniform.
+        if (p.vec_ok && (c + 1) * kBwdChunk <= L)
+            bwd_chunk<true, In, W, kVarB, kVarC>(p, w, c, m.active, lane, warp, warps);
+        else
+            bwd_chunk<false, In, W, kVarB, kVarC>(p, w, c, m.active, lane, warp, warps);
     }
     if (m.active) {
-        const R dD_w = warp_sum(dD_lane), db_w = warp_sum(dbias_lane);
+        const R dD_w = warp_sum(w.dD_lane), db_w = warp_sum(w.dbias_lane);
         const int64_t bd = m.b * p.dim + m.d;
         if (lane == 0) {
             if (p.dD_part) ((R*)p.dD_part)[bd] = dD_w;
@@ -268,10 +340,10 @@ __global__ void __launch_bounds__(256, BwdMinBlocks<W>::value) selective_scan_bw
         }
         __syncwarp();
         for (int n = lane; n < N; n += 32) {
-            ((S*)p.dA_part)[bd * N + n] = dA_acc[n];
-            if (!kVarB) ((S*)p.dB_part)[bd * N + n] = dBc_acc[n];
-            if (!kVarC) ((S*)p.dC_part)[bd * N + n] = dCc_acc[n];
-            if (p.dinitial_state) ((S*)p.dinitial_state)[bd * N + n] = dX[n];
+            ((S*)p.dA_part)[bd * N + n] = w.dA_acc[n];
+            if (!kVarB) ((S*)p.dB_part)[bd * N + n] = w.dBc_acc[n];
+            if (!kVarC) ((S*)p.dC_part)[bd * N + n] = w.dCc_acc[n];
+            if (p.dinitial_state) ((S*)p.dinitial_state)[bd * N + n] = w.dX[n];
         }
     }
 }

@@ -28,7 +28,7 @@ struct SelectiveScanParams {
     int64_t dout_b, dout_d, dout_l, dlast_b, dlast_d, dlast_n;
     int64_t du_b, du_d, du_l, ddelta_b, ddelta_d, ddelta_l, dz_b, dz_d, dz_l;
     int32_t delta_softplus;
-    int32_t pad_;
+    int32_t vec_ok;     // every row 16-byte aligned with unit L stride: full chunks take the fast path
 };
 
 // Storage of variable B/C: the input dtype for real A; complex (fp32 or fp64 parts) for complex A.

@@ -5,13 +5,19 @@
 //
 // Grid mapping: one warp per channel d; a block holds `warps` channels of one (batch, group),
 // so the warps of a block read the same variable B/C rows at about the same time and all but
-// the first hit L1 (upstream re-reads all of B/C from L2 per channel). A first version staged
-// B/C tiles in shared memory: its serialized tile fills made the forward 2x slower than
-// upstream (0.89 ms at b8 d1536 l2048 n16 bf16). blockIdx.x -> (b, g, channel block).
-// Each lane owns kItems consecutive steps of a chunk of 32*kItems steps. Per state n: every
-// lane folds its steps into one affine map, a warp scan composes the lanes' maps, and the lane
-// replays its steps from its entry state, accumulating y. One exp2 per (b, d, l, n): the floor.
-// The warp's carry between chunks lives in shared memory (N values per warp).
+// the first hit L1 (upstream re-reads all of B/C from L2 per channel). blockIdx.x ->
+// (b, g, channel block). Each lane owns kItems consecutive steps of a chunk of 32*kItems
+// steps. Per state n: every lane folds its steps into one affine map, a warp scan composes
+// the lanes' maps, and the lane replays its steps from its entry state, accumulating y. One
+// exp2 per (b, d, l, n): the op's floor. The warp's carry between chunks lives in shared
+// memory (N values per warp).
+//
+// The kernel is instruction-bound, so full chunks of aligned, unit-stride data take a path
+// without bounds checks or scalar fallbacks (kFast); the host decides alignment once.
+//
+// History (b8 d1536 l2048 n16 bf16, H200): B/C tiles staged in shared memory 0.89 ms
+// (serialized tile fills); direct L1 loads 0.90 ms (ncu: IPC 2.8, instruction-bound:
+// ~37 instructions per (l, n) and ~300 per step for the epilogue with accurate expf/log1pf).
 //
 // For the backward the forward saves the state every kSaveEvery steps: (B, D, ceil(L/256), N),
 // so the backward recomputes within 256-step chunks instead of storing (B, D, L, N).
@@ -20,124 +26,177 @@
 namespace ssm {
 
 constexpr int kSaveEvery = 256;      // = the backward's chunk (32 lanes x 8 items)
-// 2 blocks of 8 warps per SM caps registers at 128/thread; the first build without the cap
-// used 164 (one block per SM, 8 warps: too few to hide the scan's shuffle latency).
+
+// Real fp32-state variants: 2 blocks of 8 warps per SM (registers capped at 128).
 // Complex and fp64 state take 1 (capping them spills).
 template <typename W> struct FwdMinBlocks { static constexpr int value = 2; };
 template <> struct FwdMinBlocks<double> { static constexpr int value = 1; };
 template <typename R> struct FwdMinBlocks<complex<R>> { static constexpr int value = 1; };
 
-// kItems (steps per lane; chunk = 32 * kItems, a multiple of kSaveEvery) is chosen by the host
-// (ssmkit/ops/selective_scan.py, kernel_config).
-template <typename In, typename W, bool kVarB, bool kVarC, int kItems>
-__global__ void __launch_bounds__(256, FwdMinBlocks<W>::value) selective_scan_fwd(const SelectiveScanParams p) {
+// Load kN steps from row[t0..): kFast = whole vector, aligned, no bounds; else checked.
+template <bool kFast, typename T, int kN, typename A>
+__device__ __forceinline__ void load_steps(const T* row, int64_t stride, int64_t t0, int64_t L, A (&out)[kN]) {
+    if (kFast) {
+        Vec<T, kN> v;
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
+#pragma unroll
+        for (int i = 0; i < kN; ++i) out[i] = A(to_acc(v.e[i]));
+    } else {
+        load_seg(row, stride, t0, L, out, A(0));
+    }
+}
+
+template <bool kFast, typename T, int kN>
+__device__ __forceinline__ void load_vec(const T* row, int64_t stride, int64_t t0, int64_t L, Vec<T, kN>& v) {
+    if (kFast) {
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
+    } else {
+        load_raw(row, stride, t0, L, v);
+    }
+}
+
+template <bool kFast, typename T, int kN, typename A>
+__device__ __forceinline__ void store_steps(T* row, int64_t stride, int64_t t0, int64_t L, const A (&in)[kN]) {
+    if (kFast) {
+        Vec<T, kN> v;
+#pragma unroll
+        for (int i = 0; i < kN; ++i) v.e[i] = Convert<T>::from(in[i]);
+#pragma unroll
+        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) ((uint4*)(row + t0))[k] = v.w[k];
+    } else {
+        store_seg(row, stride, t0, L, in);
+    }
+}
+
+// Everything a warp needs for its channel, set up once.
+template <typename In, typename W> struct FwdWarp {
+    typedef typename RealOf<W>::type R;
+    typedef typename VarBC<In, W>::type BCs;
+    const In *u, *dl, *z;
+    In* out;
+    const W* A;
+    const BCs *Bg, *Cg;       // variable: this (b, g)
+    const W *Bc, *Cc;         // constant: this channel
+    W* carry;
+    W* saved;                 // this (b, d)'s saved states, or null
+    R Dv, bias;
+};
+
+template <bool kFast, typename In, typename W, bool kVarB, bool kVarC, int T>
+__device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const FwdWarp<In, W>& w,
+                                          int64_t c0, int lane) {
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
+    const int64_t N = p.dstate, L = p.seqlen;
+    const int64_t t0 = c0 + lane * T;
+    R u[T], dl[T], dlu[T], y[T];
+    R sum_dl = 0;
+    load_steps<kFast>(w.u, p.u_l, t0, L, u);
+    load_steps<kFast>(w.dl, p.delta_l, t0, L, dl);
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+        R v = dl[i] + w.bias;
+        v = p.delta_softplus ? softplus_fast(v) : v;
+        dl[i] = (kFast || t0 + i < L) ? v : R(0);   // steps past L are the identity map
+        dlu[i] = dl[i] * u[i];
+        y[i] = w.Dv * u[i];                         // the skip term first: u is then dead
+        sum_dl += dl[i];
+    }
+    // Variable B/C rows for state n+1 load while state n computes.
+    const BCs* bp = w.Bg;
+    const BCs* cp = w.Cg;
+    Vec<BCs, T> nb, nc;
+    if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
+    if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
+    for (int64_t n = 0; n < N; ++n) {
+        const Vec<BCs, T> vb = nb, vc = nc;
+        if (n + 1 < N) {
+            bp += p.B_n;
+            cp += p.C_n;
+            if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
+            if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
+        }
+        const S A2 = prescale(w.A[n * p.A_n]);
+        const S bconst = kVarB ? S(0) : w.Bc[n * p.B_n];
+        S dA[T], bu[T];
+        S bt = S(0);
+#pragma unroll
+        for (int i = 0; i < T; ++i) {
+            dA[i] = gate(dl[i], A2);
+            bu[i] = (kVarB ? Ld<S>::from(vb.e[i]) : bconst) * dlu[i];
+            bt = dA[i] * bt + bu[i];
+        }
+        S at = gate(sum_dl, A2);   // the product of the lane's gates, in one exp
+        warp_exclusive_scan(at, bt, lane);
+        S h = at * w.carry[n] + bt;
+        const S cconst = kVarC ? S(0) : w.Cc[n * p.C_n];
+#pragma unroll
+        for (int i = 0; i < T; ++i) {
+            h = dA[i] * h + bu[i];
+            y[i] += readout(kVarC ? Ld<S>::from(vc.e[i]) : cconst, h);
+        }
+        if (w.saved && ((lane + 1) * T) % kSaveEvery == 0) {
+            const int64_t idx = (c0 + (lane + 1) * T) / kSaveEvery - 1;
+            if (idx < p.n_saved) w.saved[idx * N + n] = h;
+        }
+        __syncwarp();
+        if (lane == 31) w.carry[n] = h;
+        __syncwarp();
+    }
+    if (w.z) {
+        R zv[T];
+        load_steps<kFast>(w.z, p.z_l, t0, L, zv);
+#pragma unroll
+        for (int i = 0; i < T; ++i) y[i] *= silu_fast(zv[i]);
+    }
+    store_steps<kFast>(w.out, p.out_l, t0, L, y);
+}
+
+template <typename In, typename W, bool kVarB, bool kVarC, int kItems>
+__global__ void __launch_bounds__(256, FwdMinBlocks<W>::value) selective_scan_fwd(const SelectiveScanParams p) {
+    typedef W S;
     constexpr int T = kItems;
     constexpr int kChunk = 32 * T;
     static_assert(kChunk % kSaveEvery == 0, "saved states must fall on chunk ends");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    S* carry_all = (S*)smem_raw;     // [warps][N]: each warp's state carried between chunks
-
     const int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
     const ChannelMap m(p, warp, warps);
+    if (!m.active) return;   // no block-wide barriers below: idle warps may leave
     const int64_t N = p.dstate, L = p.seqlen;
-    S* carry = carry_all + warp * N;
 
-    for (int n = lane; n < N; n += 32) {
-        S h0 = S(0);
-        if (p.initial_state && m.active)
-            h0 = ((const S*)p.initial_state)[m.b * p.init_b + m.d * p.init_d + n * p.init_n];
-        carry[n] = h0;
-    }
+    FwdWarp<In, W> w;
+    w.carry = (S*)smem_raw + warp * N;
+    for (int n = lane; n < N; n += 32)
+        w.carry[n] = p.initial_state
+            ? ((const S*)p.initial_state)[m.b * p.init_b + m.d * p.init_d + n * p.init_n] : S(0);
     __syncwarp();
-
-    const In* u_row = (const In*)p.u + m.b * p.u_b + m.d * p.u_d;
-    const In* dl_row = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
-    const S* A_row = (const S*)p.A + m.d * p.A_d;
-    const R Dv = p.D ? ((const R*)p.D)[m.d * p.D_s] : R(0);
-    const R bias = p.delta_bias ? ((const R*)p.delta_bias)[m.d * p.delta_bias_s] : R(0);
-    const BCs* Bg = (const BCs*)p.B + m.b * p.B_b + m.g * p.B_g;   // variable: this (b, g)
-    const BCs* Cg = (const BCs*)p.C + m.b * p.C_b + m.g * p.C_g;
-    const S* Bc = (const S*)p.B + m.d * p.B_g;                     // constant: this channel
-    const S* Cc = (const S*)p.C + m.d * p.C_g;
+    w.u = (const In*)p.u + m.b * p.u_b + m.d * p.u_d;
+    w.dl = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
+    w.z = p.z ? (const In*)p.z + m.b * p.z_b + m.d * p.z_d : nullptr;
+    w.out = (In*)p.out + m.b * p.out_b + m.d * p.out_d;
+    w.A = (const S*)p.A + m.d * p.A_d;
+    w.Dv = p.D ? ((const typename RealOf<W>::type*)p.D)[m.d * p.D_s] : 0;
+    w.bias = p.delta_bias ? ((const typename RealOf<W>::type*)p.delta_bias)[m.d * p.delta_bias_s] : 0;
+    w.Bg = (const typename VarBC<In, W>::type*)p.B + m.b * p.B_b + m.g * p.B_g;
+    w.Cg = (const typename VarBC<In, W>::type*)p.C + m.b * p.C_b + m.g * p.C_g;
+    w.Bc = (const S*)p.B + m.d * p.B_g;
+    w.Cc = (const S*)p.C + m.d * p.C_g;
+    w.saved = p.saved_states ? (S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N : nullptr;
 
     for (int64_t c0 = 0; c0 < L; c0 += kChunk) {
-        const int64_t t0 = c0 + lane * T;
-        R u[T], dl[T], dlu[T], y[T];
-        R sum_dl = 0;
-        if (m.active) {
-            load_seg(u_row, p.u_l, t0, L, u, R(0));
-            load_seg(dl_row, p.delta_l, t0, L, dl, R(0));
-        }
-#pragma unroll
-        for (int i = 0; i < T; ++i) {
-            dl[i] = (m.active && t0 + i < L) ? delta_eff(dl[i], bias, p.delta_softplus) : R(0);
-            if (!m.active) u[i] = R(0);
-            dlu[i] = dl[i] * u[i];
-            y[i] = Dv * u[i];   // the skip term first: u is then dead, saving kItems registers
-            sum_dl += dl[i];
-        }
-        if (m.active) {
-            // Variable B/C rows for state n+1 are loaded while state n computes (registers
-            // hold the raw 16-bit/32-bit words: 2 x kItems values).
-            Vec<BCs, T> nb, nc;
-            if (kVarB) load_raw(Bg, p.B_l, t0, L, nb);
-            if (kVarC) load_raw(Cg, p.C_l, t0, L, nc);
-            for (int64_t n = 0; n < N; ++n) {
-                const Vec<BCs, T> vb = nb, vc = nc;
-                if (n + 1 < N) {
-                    if (kVarB) load_raw(Bg + (n + 1) * p.B_n, p.B_l, t0, L, nb);
-                    if (kVarC) load_raw(Cg + (n + 1) * p.C_n, p.C_l, t0, L, nc);
-                }
-                const S A2 = prescale(A_row[n * p.A_n]);
-                const S bconst = kVarB ? S(0) : Bc[n * p.B_n];
-                S dA[T], bu[T];
-                S bt = S(0);
-#pragma unroll
-                for (int i = 0; i < T; ++i) {
-                    dA[i] = gate(dl[i], A2);
-                    bu[i] = (kVarB ? Ld<S>::from(vb.e[i]) : bconst) * dlu[i];
-                    bt = dA[i] * bt + bu[i];
-                }
-                S at = gate(sum_dl, A2);   // the product of the lane's gates, in one exp
-                warp_exclusive_scan(at, bt, lane);
-                S h = at * carry[n] + bt;
-                const S cconst = kVarC ? S(0) : Cc[n * p.C_n];
-#pragma unroll
-                for (int i = 0; i < T; ++i) {
-                    h = dA[i] * h + bu[i];
-                    y[i] += readout(kVarC ? Ld<S>::from(vc.e[i]) : cconst, h);
-                }
-                if (p.saved_states && ((lane + 1) * T) % kSaveEvery == 0) {
-                    const int64_t idx = (c0 + (lane + 1) * T) / kSaveEvery - 1;
-                    if (idx < p.n_saved)
-                        ((S*)p.saved_states)[((m.b * p.dim + m.d) * p.n_saved + idx) * N + n] = h;
-                }
-                __syncwarp();
-                if (lane == 31) carry[n] = h;
-                __syncwarp();
-            }
-        }
-        if (m.active) {
-            R o[T];
-#pragma unroll
-            for (int i = 0; i < T; ++i) o[i] = y[i];
-            if (p.z) {
-                R zv[T];
-                load_seg((const In*)p.z + m.b * p.z_b + m.d * p.z_d, p.z_l, t0, L, zv, R(0));
-#pragma unroll
-                for (int i = 0; i < T; ++i) o[i] *= silu(zv[i]);
-            }
-            store_seg((In*)p.out + m.b * p.out_b + m.d * p.out_d, p.out_l, t0, L, o);
-        }
+        if (p.vec_ok && c0 + kChunk <= L)
+            fwd_chunk<true, In, W, kVarB, kVarC, T>(p, w, c0, lane);
+        else
+            fwd_chunk<false, In, W, kVarB, kVarC, T>(p, w, c0, lane);
     }
-    if (p.last_state && m.active) {
+    if (p.last_state) {
         __syncwarp();
         for (int n = lane; n < N; n += 32)
-            ((S*)p.last_state)[(m.b * p.dim + m.d) * N + n] = carry[n];
+            ((S*)p.last_state)[(m.b * p.dim + m.d) * N + n] = w.carry[n];
     }
 }
 

@@ -113,7 +113,7 @@ PARAMS = Params("ssm::SelectiveScanParams", [
                                "init_d", "init_n", "dout_b", "dout_d", "dout_l", "dlast_b",
                                "dlast_d", "dlast_n", "du_b", "du_d", "du_l", "ddelta_b", "ddelta_d",
                                "ddelta_l", "dz_b", "dz_d", "dz_l")],
-    ("delta_softplus", "int32_t"), ("pad_", "int32_t"),
+    ("delta_softplus", "int32_t"), ("vec_ok", "int32_t"),
 ])
 
 
@@ -246,6 +246,28 @@ def _common_fields(spec, u, delta, A, B, C, D, z, delta_bias, initial_state):
     return f
 
 
+def _rows_aligned(X) -> bool:
+    """Unit stride along the last axis and every row start on a 16-byte boundary."""
+    if X is None:
+        return True
+    item = X.dtype.itemsize
+    if X.shape[-1] > 1 and X.strides[-1] != item:
+        return False
+    if ptr(X) % 16:
+        return False
+    return all(st % 16 == 0 for st, n in zip(X.strides[:-1], X.shape[:-1]) if n > 1)
+
+
+def vec_ok(spec, arrays, extra=()) -> bool:
+    """Whether every (B, D, L)-like row the kernels stream is vector-loadable (host-side, once)."""
+    rows = [arrays.get(k) for k in ("u", "delta", "z")] + list(extra)
+    if spec.var_b:
+        rows.append(arrays["B"])
+    if spec.var_c:
+        rows.append(arrays["C"])
+    return all(_rows_aligned(x) for x in rows)
+
+
 def _gather(named):
     backend, arr = backend_of(OP, named)
     return backend, arr
@@ -267,7 +289,7 @@ def _fwd_gpu(spec, arrays, out, want_last, want_saved):
     so = strides_elems(out)
     warps, bpg, smem = _launch_shape(spec, fwd_smem)
     f.update(out=ptr(out), out_b=so[0], out_d=so[1], out_l=so[2], last_state=ptr(last),
-             saved_states=ptr(saved), blocks_per_group=bpg)
+             saved_states=ptr(saved), blocks_per_group=bpg, vec_ok=int(vec_ok(spec, arrays, (out,))))
     launch(fwd_ref(spec.config), grid=(spec.batch * spec.groups * bpg,), block=(32, warps),
            args=(PARAMS.pack(**f),), shared_mem=smem)
     return out, last, saved
@@ -392,7 +414,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
              dA_part=ptr(dA_part), dB_part=ptr(dB_part), dC_part=ptr(dC_part), dD_part=ptr(dD_part),
              ddelta_bias_part=ptr(dbias_part), blocks_per_group=bpg,
              dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2], du_b=sdu[0], du_d=sdu[1], du_l=sdu[2],
-             ddelta_b=sdd[0], ddelta_d=sdd[1], ddelta_l=sdd[2])
+             ddelta_b=sdd[0], ddelta_d=sdd[1], ddelta_l=sdd[2],
+             vec_ok=int(vec_ok(spec, arr, (arr["dout"], du, ddelta, dz))))
     if dz is not None:
         sdz = strides_elems(dz)
         f.update(dz_b=sdz[0], dz_d=sdz[1], dz_l=sdz[2])
