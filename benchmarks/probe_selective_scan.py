@@ -1,8 +1,11 @@
-"""Probe: time the selective-scan forward kernel alone under variations (for NOTES.md),
-and print the kernel's registers / local memory. Not a benchmark of record."""
+"""Probe: where the selective-scan forward's time goes (for NOTES.md). Not a benchmark of record.
+
+Prints the Python host time per call (tiny problem, no sync), the kernel alone (pre-packed
+parameters, CUDA events), and variations of the headline shape."""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -16,24 +19,63 @@ from ssmkit.ops import selective_scan as op  # noqa: E402
 from ssmkit._compile import get_kernel  # noqa: E402
 
 
+def kernel_only(args, kw):
+    """Time the forward kernel launch alone, parameters packed once."""
+    captured = {}
+    orig = op.launch
+
+    def spy(ref, **k):
+        captured.update(ref=ref, **k)
+        return orig(ref, **k)
+
+    op.launch = spy
+    try:
+        ssmkit.selective_scan(**args, **kw)
+    finally:
+        op.launch = orig
+    k = get_kernel(captured["ref"])
+    grid, block = captured["grid"], captured["block"]
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    block = tuple(block) + (1,) * (3 - len(block))
+    return time_cuda(lambda: k(grid, block, captured["args"], shared_mem=captured["shared_mem"]), 3, 20)
+
+
 def main():
+    args, kw, _ = make(1, 8, 16, 4, "bf16", True)
+    for _ in range(20):
+        ssmkit.selective_scan(**args, **kw)
+    cupy.cuda.runtime.deviceSynchronize()
+    t = time.perf_counter()
+    for _ in range(200):
+        ssmkit.selective_scan(**args, **kw)
+    host = (time.perf_counter() - t) / 200 * 1e6
+    cupy.cuda.runtime.deviceSynchronize()
+    print(f"host time per selective_scan call (tiny, no sync): {host:.1f} us", flush=True)
+    import cProfile
+    import pstats
+
+    args, kw, _ = make(1, 8, 16, 4, "bf16", True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        ssmkit.selective_scan(**args, **kw)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     B, D, L = 8, 1536, 2048
-    for dtype in ("bf16", "fp32"):
-        for N in (1, 16):
-            for full in (True, False):
-                args, kw, dt = make(B, D, L, N, dtype, full)
+    orig_cfg = op.kernel_config
+    for items in (8, 16):
+        op.kernel_config = lambda i, w, vb, vc, _it=items: op.KernelConfig(i, w, vb, vc, _it)
+        for dtype in ("bf16", "fp32"):
+            for N, full in ((16, True), (1, False)):
+                args, kw, _ = make(B, D, L, N, dtype, full)
                 ms = time_cuda(lambda: ssmkit.selective_scan(**args, **kw), warmup=3, iters=10)
-                print(f"{dtype} N={N:2d} full={full!s:5s} fwd {ms:.4f} ms  per-n {ms / N:.4f}", flush=True)
-        args, kw, dt = make(B, D, L, 16, dtype, True)
-        args["B"] = args["B"][0, 0, :, :1].repeat(D, axis=1).T.astype("float32").copy()  # constant (D, N)
-        args["C"] = args["B"].copy()
-        ms = time_cuda(lambda: ssmkit.selective_scan(**args, **kw), warmup=3, iters=10)
-        print(f"{dtype} N=16 constant B/C fwd {ms:.4f} ms", flush=True)
+                ko = kernel_only(args, kw)
+                print(f"items={items} {dtype} N={N:2d} full={full!s:5s} call {ms:.4f} ms  kernel {ko:.4f} ms", flush=True)
+    op.kernel_config = orig_cfg
     for cfg in (op.kernel_config("bfloat16", "float32", True, True), op.kernel_config("float32", "float32", True, True)):
         for ref in (op.fwd_ref(cfg), op.bwd_ref(cfg)):
-            k = get_kernel(ref)
-            a = k.attributes
-            print(ref.name, {x: a[x] for x in ("num_regs", "local_size_bytes", "max_threads_per_block")})
+            a = get_kernel(ref).attributes
+            print(ref.name, {x: a[x] for x in ("num_regs", "local_size_bytes")})
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@
 // with seq(t) < 0 is padding: its output is exactly 0 and it contributes nothing (forward and
 // backward). Accumulation is fp32 (fp64 for fp64 inputs).
 //
-// Two data mappings, picked in Python from x's strides (both accept arbitrary strides for every
-// array; "vec" runtime flags, set in Python after checking pointer AND stride alignment, enable
-// the vector loads/stores, otherwise scalar strided accesses are used):
+// Template parameters: T (x / out / states), TW (weight and bias), kW (width 2..8), kSeq
+// (seq_idx given). The activation is a runtime flag (one uniform branch per output).
+//
+// Two data mappings, picked in Python from x's strides. Both accept arbitrary strides for every
+// array: the host sets a "vec" flag when an array's vector axis has unit stride, and the kernel
+// additionally checks the actual address alignment of each row / thread base before it uses a
+// vector access, so a misaligned view takes the scalar path and is still correct.
 //
 // * channel-first (the time axis is contiguous): one warp per (b, d) row and time segment of
 //   32 * kItems steps; each lane owns kItems consecutive steps (16-byte vector loads). The W-1
@@ -24,7 +28,7 @@
 //   (one 8-byte vector) and kSteps consecutive time steps, sliding the window in registers; its
 //   W-1 halo steps are re-read (L1 hits: the warp above in the same block reads them). A block is
 //   32 lanes along D x 4 warps along time. No transpose is needed: a warp's load of one time step
-//   is 32 * 8 = 256 contiguous bytes.
+//   is 32 contiguous vectors.
 //   Grid: blockIdx.x = (b * n_seg + tblock) * n_dgroups + dblock.
 //
 // Backward: dpre[t] = dout[t] * act'(pre[t]) (pre recomputed; with no activation dpre = dout);
@@ -48,7 +52,7 @@ struct ConvFwdParams {
     const void* x;                 // (B, D, L)
     const void* weight;            // (D, W)
     const void* bias;              // (D,) or null
-    const int32_t* seq_idx;        // (B, L) or null
+    const int32_t* seq_idx;        // (B, L) or null (non-null exactly when kSeq)
     const void* initial_states;    // (B, D, W-1) or null
     void* out;                     // (B, D, L)
     void* final_states;            // (B, D, W-1) or null
@@ -63,9 +67,9 @@ struct ConvFwdParams {
     int64_t n_seg;                 // grid decode: time segments (channel-first) / time blocks (channel-last)
     int64_t n_dgroups;             // grid decode: channel groups (channel-first) / channel blocks (channel-last)
     int32_t silu;                  // activation silu/swish
-    int32_t x_vec;                 // vector loads of x allowed
-    int32_t out_vec;               // vector stores of out allowed
-    int32_t seq_vec;               // vector loads of seq_idx allowed (channel-first)
+    int32_t x_vec;                 // x's vector axis has unit stride
+    int32_t out_vec;               // out's vector axis has unit stride
+    int32_t seq_vec;               // seq_idx's time axis has unit stride (channel-first)
 };
 
 struct ConvBwdParams {
@@ -73,7 +77,7 @@ struct ConvBwdParams {
     const void* weight;            // (D, W)
     const void* bias;              // (D,) or null
     const void* dout;              // (B, D, L)
-    const int32_t* seq_idx;        // (B, L) or null
+    const int32_t* seq_idx;        // (B, L) or null (non-null exactly when kSeq)
     const void* initial_states;    // (B, D, W-1) or null
     const void* dfinal_states;     // (B, D, W-1) or null
     void* dx;                      // (B, D, L)
@@ -132,7 +136,7 @@ struct ConvUpdateParams {
 
 // ---- constants ---------------------------------------------------------------------------
 
-constexpr int kConvMaxWidth = 8;
+constexpr int kConvMaxWidth = 8;   // widths 2..8; the decode update's register window
 // Channel-first: 4 warps per block (4 channels at one segment): 128-thread blocks keep up to 16
 // blocks per SM resident, so a row of short L still fills the machine; seq_idx is shared via L1.
 constexpr int kConvCFWarps = 4;
@@ -140,7 +144,7 @@ constexpr int kConvCFWarps = 4;
 constexpr int kConvCLWarps = 4;
 // Backward: each channel-first warp walks this many 32*kItems segments, each channel-last block
 // this many 4*kSteps slices, accumulating dweight/dbias partials in registers, so the workspace
-// stays near 1% of x's bytes (P = B * L / 1024 or B * L / 512 partials per channel).
+// stays near 1% of x's bytes (P = B * L / 1024 or B * L / 256 partials per channel).
 constexpr int kConvCFBwdIters = 4;
 constexpr int kConvCLBwdIters = 8;
 // Decode update: one thread per (b, d).
@@ -152,14 +156,19 @@ template <typename T> struct ConvTraits {
     // flight per lane; 16 steps of bf16 or 8 of fp32), 8 steps (64 bytes) for fp64. kItems >= 8
     // > W-1, so a lane's halo always lies within the previous lane.
     static constexpr int kFwdItems = sizeof(T) == 2 ? 16 : 8;
-    // Channel-first backward: 8 steps per lane (x and dout: 16 bytes each for 16-bit types).
+    // Channel-first backward: 8 steps per lane (x and dout: 16 bytes each for 16-bit types);
+    // 16 bf16 steps would need ~150 registers (x, dout, dpre and seq windows).
     static constexpr int kBwdItems = 8;
-    // Channel-last: one 8-byte vector of channels per thread (4 x 16-bit, 2 x fp32, 1 x fp64),
-    // 16 time steps per thread (forward) / 8 (backward, which holds x, dout and dpre windows).
+    // Channel-last forward: one 8-byte vector of channels per thread (4 x 16-bit, 2 x fp32,
+    // 1 x fp64), 16 time steps per thread (19 loads in flight for W = 4; ~100-130 registers).
     static constexpr int kVec = 8 / sizeof(T);
     static constexpr int kFwdSteps = 16;
+    // Channel-last backward: 4-byte vectors (2 x 16-bit, 1 x fp32; fp64 1 x 8 bytes) and 8 steps:
+    // it holds x, dout, dpre windows and dweight partials per channel.
     static constexpr int kBwdVec = sizeof(T) == 8 ? 1 : 4 / sizeof(T);
     static constexpr int kBwdSteps = 8;
+    static_assert(kFwdItems > kConvMaxWidth - 1 && kBwdItems > kConvMaxWidth - 1,
+                  "a channel-first lane's halo must lie within its neighbour");
 };
 
 // ---- small helpers -------------------------------------------------------------------------
@@ -176,12 +185,20 @@ template <typename T, int N> union ConvPacked {
     T v[N];
 };
 
+template <int kBytes>
+__device__ __forceinline__ bool conv_aligned(const void* p) {
+    return (reinterpret_cast<uint64_t>(p) & (kBytes - 1)) == 0;
+}
+
 // Storage -> compute value (fp32 for 16/32-bit floats, fp64 for fp64, int for seq ids).
 __device__ __forceinline__ float conv_val(float x) { return x; }
 __device__ __forceinline__ double conv_val(double x) { return x; }
 __device__ __forceinline__ float conv_val(bf16 x) { return to_float(x); }
 __device__ __forceinline__ float conv_val(f16 x) { return to_float(x); }
 __device__ __forceinline__ int conv_val(int x) { return x; }
+
+__device__ __forceinline__ float conv_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double conv_fma(double a, double b, double c) { return fma(a, b, c); }
 
 // sigmoid via ex2.approx and rcp.approx (rel. error ~1e-7; inputs far below 0 give exactly 0).
 __device__ __forceinline__ float conv_sigmoid(float x) {
@@ -197,9 +214,6 @@ template <typename A> __device__ __forceinline__ A conv_silu_grad(A x) {
     return s * (A(1) + x * (A(1) - s));
 }
 
-__device__ __forceinline__ float conv_fma(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double conv_fma(double a, double b, double c) { return fma(a, b, c); }
-
 __device__ __forceinline__ float conv_shfl_up(float v) { return __shfl_up_sync(0xffffffffu, v, 1); }
 __device__ __forceinline__ double conv_shfl_up(double v) { return __shfl_up_sync(0xffffffffu, v, 1); }
 __device__ __forceinline__ int conv_shfl_up(int v) { return __shfl_up_sync(0xffffffffu, v, 1); }
@@ -210,9 +224,9 @@ __device__ __forceinline__ float conv_shfl_xor(float v, int m) { return __shfl_x
 __device__ __forceinline__ double conv_shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
 // Load N consecutive elements (indices t0 .. t0+N-1 of a row with element stride `stride`) as
-// compute values; indices >= len give 0. With `vec` (unit stride, row base 16-byte aligned,
-// t0 a multiple of 16 / sizeof(T): all checked by the host) and the range inside the row, the
-// loads are 16-byte vectors.
+// compute values; indices >= len give 0. `vec` = the row has unit stride and a 16-byte aligned
+// base (t0 is a multiple of 16 / sizeof(T)); then, when the range lies inside the row, the loads
+// are 16-byte vectors.
 template <int N, typename V, typename T>
 __device__ __forceinline__ void conv_load_row(V* v, const T* row, int64_t t0, int64_t len,
                                               int64_t stride, bool vec) {
@@ -236,7 +250,7 @@ __device__ __forceinline__ void conv_load_row(V* v, const T* row, int64_t t0, in
     }
 }
 
-// Store N consecutive row elements (those at indices < len).
+// Store N consecutive row elements (those at indices < len); `vec` as for conv_load_row.
 template <int N, typename T, typename V>
 __device__ __forceinline__ void conv_store_row(T* row, int64_t t0, int64_t len, int64_t stride,
                                                bool vec, const V* v) {
@@ -260,24 +274,33 @@ __device__ __forceinline__ void conv_store_row(T* row, int64_t t0, int64_t len, 
     }
 }
 
-// Load the N channels p[0], p[stride], ... (the first `nvalid` exist, the rest read as 0). With
-// `vec` (unit stride, 8-byte aligned: checked by the host) and all N present: one vector load.
-template <int N, typename A, typename T>
-__device__ __forceinline__ void conv_load_chans(A* v, const T* p, int64_t stride, int nvalid, bool vec) {
+// Channel vectors (channel-last): N channels p[0], p[stride], ..., the first `nvalid` present.
+// `vec` = unit stride and the address is aligned to the whole vector (checked by the caller).
+template <int N, typename T>
+__device__ __forceinline__ void conv_load_chans_raw(ConvPacked<T, N>& pk, const T* p, int64_t stride,
+                                                    int nvalid, bool vec) {
     if (vec && nvalid == N) {
-        ConvPacked<T, N> pk;
         pk.raw = *reinterpret_cast<const typename ConvRaw<sizeof(T) * N>::type*>(p);
-#pragma unroll
-        for (int c = 0; c < N; ++c) v[c] = A(conv_val(pk.v[c]));
     } else {
 #pragma unroll
-        for (int c = 0; c < N; ++c) v[c] = c < nvalid ? A(conv_val(p[c * stride])) : A(0);
+        for (int c = 0; c < N; ++c) pk.v[c] = c < nvalid ? p[c * stride] : T{};
     }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void conv_zero_raw(ConvPacked<T, N>& pk) {
+    pk.raw = typename ConvRaw<sizeof(T) * N>::type{};
+}
+
+template <int N, typename A, typename T>
+__device__ __forceinline__ void conv_load_chans(A* v, const T* p, int64_t stride, int nvalid) {
+#pragma unroll
+    for (int c = 0; c < N; ++c) v[c] = c < nvalid ? A(conv_val(p[c * stride])) : A(0);
 }
 
 template <int N, typename T, typename A>
 __device__ __forceinline__ void conv_store_chans(T* p, int64_t stride, int nvalid, bool vec, const A* v) {
-    if (vec && nvalid == N) {
+    if (vec && nvalid == N && conv_aligned<sizeof(T) * N>(p)) {
         ConvPacked<T, N> pk;
 #pragma unroll
         for (int c = 0; c < N; ++c) pk.v[c] = Convert<T>::from(v[c]);
@@ -289,10 +312,12 @@ __device__ __forceinline__ void conv_store_chans(T* p, int64_t stride, int nvali
     }
 }
 
-// One output: act(bias + sum_k w[k] * xs[k] (visible)). xs/ss point at the window's oldest
-// element (time t - (W-1)); s_t is seq(t). Padding outputs are exactly 0.
-template <int kW, bool kSeq, bool kSilu, typename A>
-__device__ __forceinline__ A conv_out(const A* w, A bias, const A* xs, const int* ss, int s_t) {
+// ---- per-position math (shared by both mappings) ---------------------------------------------
+
+// Pre-activation: bias + sum_k w[k] * xs[k] over the visible inputs. xs/ss point at the window's
+// oldest element (time t - (W-1)); s_t = seq(t).
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ A conv_pre(const A* w, A bias, const A* xs, const int* ss, int s_t) {
     A acc = bias;
 #pragma unroll
     for (int k = 0; k < kW; ++k) {
@@ -300,8 +325,51 @@ __device__ __forceinline__ A conv_out(const A* w, A bias, const A* xs, const int
         if (kSeq) xv = ss[k] == s_t ? xv : A(0);
         acc = conv_fma(w[k], xv, acc);
     }
-    if (kSilu) acc = conv_silu(acc);
+    return acc;
+}
+
+// One output; padding outputs are exactly 0.
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ A conv_out(const A* w, A bias, const A* xs, const int* ss, int s_t, bool silu) {
+    A acc = conv_pre<kW, kSeq>(w, bias, xs, ss, s_t);
+    if (silu) acc = conv_silu(acc);
     if (kSeq) acc = s_t >= 0 ? acc : A(0);
+    return acc;
+}
+
+// dpre at one position: g = dout there, inside = position < L.
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ A conv_dpre(const A* w, A bias, const A* xs, const int* ss, int s_t, A g,
+                                       bool inside, bool silu) {
+    A r = g;
+    if (silu) r = r * conv_silu_grad(conv_pre<kW, kSeq>(w, bias, xs, ss, s_t));
+    bool valid = inside;
+    if (kSeq) valid = valid && s_t >= 0;
+    return valid ? r : A(0);
+}
+
+// dweight/dbias partials of one position (its dpre and its visible window).
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ void conv_accum(A* pw, A& pb, A dp, const A* xs, const int* ss, int s_t) {
+    pb += dp;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+        A xv = xs[k];
+        if (kSeq) xv = ss[k] == s_t ? xv : A(0);
+        pw[k] = conv_fma(dp, xv, pw[k]);
+    }
+}
+
+// dx at one position s: sum_j w[W-1-j] * dp[j] * [seq(s+j) == seq(s)]; dp/ss start at s.
+template <int kW, bool kSeq, typename A>
+__device__ __forceinline__ A conv_dx(const A* w, const A* dp, const int* ss, int s_s) {
+    A acc = A(0);
+#pragma unroll
+    for (int j = 0; j < kW; ++j) {
+        A g = dp[j];
+        if (kSeq) g = ss[j] == s_s ? g : A(0);
+        acc = conv_fma(w[kW - 1 - j], g, acc);
+    }
     return acc;
 }
 
@@ -309,14 +377,7 @@ __device__ __forceinline__ A conv_out(const A* w, A bias, const A* xs, const int
 // Forward, channel-first
 // ============================================================================================
 
-template <int kW, int kItems, bool kSeq, bool kSilu, typename A>
-__device__ __forceinline__ void conv_fwd_cf_compute(A* o, const A* xv, const int* sv, const A* w, A bias) {
-    constexpr int kH = kW - 1;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) o[i] = conv_out<kW, kSeq, kSilu>(w, bias, xv + i, sv + i, sv[kH + i]);
-}
-
-template <typename T, typename TW, int kW>
+template <typename T, typename TW, int kW, bool kSeq>
 __global__ void __launch_bounds__(32 * kConvCFWarps)
 causal_conv1d_fwd_cf(const ConvFwdParams p) {
     typedef typename Acc<T>::type A;
@@ -335,53 +396,43 @@ causal_conv1d_fwd_cf(const ConvFwdParams p) {
     const int64_t t0 = seg * (32 * kItems) + lane * kItems;
 
     const T* x = (const T*)p.x + b * p.x_b + d * p.x_d;
+    const int32_t* seq = p.seq_idx + b * p.seq_b;
+    A xv[kH + kItems];     // [0, kH): halo (times t0-kH .. t0-1); [kH, kH+kItems): own steps
+    int sv[kH + kItems];   // their seq ids (kSeq only)
+    conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, p.x_vec && conv_aligned<16>(x));
+    if (kSeq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec && conv_aligned<16>(seq));
+
     A w[kW];
 #pragma unroll
     for (int k = 0; k < kW; ++k) w[k] = A(conv_val(((const TW*)p.weight)[d * p.w_d + k * p.w_k]));
     const A bias = p.bias ? A(conv_val(((const TW*)p.bias)[d * p.bias_s])) : A(0);
 
-    // xv[0, kH): halo (times t0-kH .. t0-1); xv[kH, kH+kItems): own steps. Same for sv.
-    A xv[kH + kItems];
-    int sv[kH + kItems];
-    conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, p.x_vec);
-    const bool has_seq = p.seq_idx != nullptr;
-    const int32_t* seq = p.seq_idx + b * p.seq_b;
-    if (has_seq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec);
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
         xv[j] = conv_shfl_up(xv[kItems + j]);
-        sv[j] = has_seq ? conv_shfl_up(sv[kItems + j]) : 0;
+        if (kSeq) sv[j] = conv_shfl_up(sv[kItems + j]);
     }
-    if (lane == 0) {  // t0 < L here for the lanes whose outputs are stored
+    if (lane == 0) {  // lane 0's t0 is the segment start, < L
         const T* init = (const T*)p.initial_states + b * p.init_b + d * p.init_d;
-        const int s0 = has_seq ? seq[0] : 0;
 #pragma unroll
         for (int j = 0; j < kH; ++j) {
             const int64_t t = t0 - kH + j;
             if (t >= 0) {
                 xv[j] = A(conv_val(x[t * p.x_l]));
-                if (has_seq) sv[j] = seq[t * p.seq_l];
+                if (kSeq) sv[j] = seq[t * p.seq_l];
             } else {
                 xv[j] = p.initial_states ? A(conv_val(init[(kH + t) * p.init_k])) : A(0);
-                sv[j] = s0;
+                if (kSeq) sv[j] = seq[0];
             }
         }
     }
-    if (!has_seq) {
-#pragma unroll
-        for (int i = 0; i < kItems; ++i) sv[kH + i] = 0;
-    }
 
+    const bool silu = p.silu;
     A o[kItems];
-    if (has_seq) {
-        if (p.silu) conv_fwd_cf_compute<kW, kItems, true, true>(o, xv, sv, w, bias);
-        else conv_fwd_cf_compute<kW, kItems, true, false>(o, xv, sv, w, bias);
-    } else {
-        if (p.silu) conv_fwd_cf_compute<kW, kItems, false, true>(o, xv, sv, w, bias);
-        else conv_fwd_cf_compute<kW, kItems, false, false>(o, xv, sv, w, bias);
-    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) o[i] = conv_out<kW, kSeq>(w, bias, xv + i, sv + i, kSeq ? sv[kH + i] : 0, silu);
     T* out = (T*)p.out + b * p.out_b + d * p.out_d;
-    conv_store_row<kItems>(out, t0, L, p.out_l, p.out_vec, o);
+    conv_store_row<kItems>(out, t0, L, p.out_l, p.out_vec && conv_aligned<16>(out), o);
 
     if (p.final_states) {
         // final_states[j] = xx[L - kH + j]: the raw extended input's last kH steps.
@@ -405,71 +456,89 @@ causal_conv1d_fwd_cf(const ConvFwdParams p) {
 // Forward, channel-last
 // ============================================================================================
 
-// Raw staging of one time step's kVec channels (one machine word), zero-filled where absent.
-template <int N, typename T>
-__device__ __forceinline__ void conv_load_chans_raw(ConvPacked<T, N>& pk, const T* p, int64_t stride,
-                                                    int nvalid, bool vec) {
-    if (vec && nvalid == N) {
-        pk.raw = *reinterpret_cast<const typename ConvRaw<sizeof(T) * N>::type*>(p);
-    } else {
-#pragma unroll
-        for (int c = 0; c < N; ++c) pk.v[c] = c < nvalid ? p[c * stride] : T{};
-    }
-}
-
-template <int N, typename T>
-__device__ __forceinline__ void conv_zero_raw(ConvPacked<T, N>& pk) {
-    pk.raw = typename ConvRaw<sizeof(T) * N>::type{};
-}
-
 // Stage the raw inputs of times t0-kH+u, u = 0..kN-1 (x, or initial_states at negative time,
 // zeros at or beyond L) and their seq ids. Interior threads (the whole window inside [0, L),
-// vector loads allowed, all kVec channels present) take a branch-free run of vector loads.
-template <int kN, int kH, int kVec, typename T>
+// unit channel stride, aligned, all kVec channels present) take a branch-free run of vector loads.
+template <int kN, int kH, int kVec, bool kSeq, typename T>
 __device__ __forceinline__ void conv_stage_cl(ConvPacked<T, kVec>* raw, int* sv, const T* x, int64_t x_l,
                                               int64_t x_d, bool xvec, const T* init, int64_t init_k,
                                               int64_t init_d, bool has_init, const int32_t* seq,
-                                              int64_t seq_l, bool has_seq, int s0, int64_t t0,
-                                              int64_t L, int nvalid) {
+                                              int64_t seq_l, int64_t t0, int64_t L, int nvalid) {
     typedef typename ConvRaw<sizeof(T) * kVec>::type Raw;
-    if (xvec && nvalid == kVec && t0 - kH >= 0 && t0 - kH + kN <= L) {
+    constexpr int kBytes = sizeof(T) * kVec;
+    const bool vec = xvec && conv_aligned<kBytes>(x) && ((x_l * (int64_t)sizeof(T)) % kBytes) == 0;
+    if (vec && nvalid == kVec && t0 - kH >= 0 && t0 - kH + kN <= L) {
         const T* px = x + (t0 - kH) * x_l;
 #pragma unroll
         for (int u = 0; u < kN; ++u) raw[u].raw = *reinterpret_cast<const Raw*>(px + u * x_l);
-        if (has_seq) {
+        if (kSeq) {
             const int32_t* ps = seq + (t0 - kH) * seq_l;
 #pragma unroll
             for (int u = 0; u < kN; ++u) sv[u] = ps[u * seq_l];
-        } else {
-#pragma unroll
-            for (int u = 0; u < kN; ++u) sv[u] = 0;
         }
         return;
     }
+    const int s0 = kSeq ? seq[0] : 0;
 #pragma unroll
     for (int u = 0; u < kN; ++u) {
         const int64_t t = t0 - kH + u;   // warp-uniform branches
         if (t >= L) {
             conv_zero_raw(raw[u]);
-            sv[u] = 0;
+            if (kSeq) sv[u] = 0;
         } else if (t >= 0) {
-            conv_load_chans_raw(raw[u], x + t * x_l, x_d, nvalid, xvec);
-            sv[u] = has_seq ? seq[t * seq_l] : 0;
+            conv_load_chans_raw(raw[u], x + t * x_l, x_d, nvalid, vec);
+            if (kSeq) sv[u] = seq[t * seq_l];
         } else {
             if (has_init) conv_load_chans_raw(raw[u], init + (kH + t) * init_k, init_d, nvalid, false);
             else conv_zero_raw(raw[u]);
-            sv[u] = s0;
+            if (kSeq) sv[u] = s0;
         }
     }
 }
 
-// Slide over the staged inputs: the window holds the kW inputs ending at the current step;
-// each output is stored as soon as it is computed.
-template <int kW, int kSteps, int kVec, bool kSeq, bool kSilu, typename T, typename A>
-__device__ __forceinline__ void conv_fwd_cl_steps(T* out, int64_t out_l, int64_t out_d, bool out_vec, int nvalid,
-                                                  const ConvPacked<T, kVec>* raw, const int* sv,
-                                                  const A (*w)[kW], const A* bias, int64_t t0, int64_t L) {
+template <typename T, typename TW, int kW, bool kSeq>
+__global__ void __launch_bounds__(32 * kConvCLWarps)
+causal_conv1d_fwd_cl(const ConvFwdParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kVec = ConvTraits<T>::kVec;
+    constexpr int kSteps = ConvTraits<T>::kFwdSteps;
     constexpr int kH = kW - 1;
+    const int lane = threadIdx.x & 31;
+    const int ty = threadIdx.x >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t db = blk % p.n_dgroups;
+    const int64_t rest = blk / p.n_dgroups;
+    const int64_t tb = rest % p.n_seg;
+    const int64_t b = rest / p.n_seg;
+    const int64_t d0 = (db * 32 + lane) * kVec;
+    const int64_t t0 = (tb * kConvCLWarps + ty) * kSteps;
+    const int64_t L = p.seqlen;
+    if (d0 >= p.dim || t0 >= L) return;  // no barriers or shuffles in this kernel
+    const int nvalid = (int)min((int64_t)kVec, p.dim - d0);
+
+    const int32_t* seq = p.seq_idx + b * p.seq_b;
+    const T* x = (const T*)p.x + b * p.x_b + d0 * p.x_d;
+    const T* init = (const T*)p.initial_states + b * p.init_b + d0 * p.init_d;
+    // All loads first (raw words: 2 registers per step), then the math.
+    ConvPacked<T, kVec> raw[kH + kSteps];
+    int sv[kH + kSteps];
+    conv_stage_cl<kH + kSteps, kH, kVec, kSeq>(raw, sv, x, p.x_l, p.x_d, p.x_vec, init, p.init_k, p.init_d,
+                                               p.initial_states != nullptr, seq, p.seq_l, t0, L, nvalid);
+
+    A w[kVec][kW], bias[kVec];
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) {
+        const bool ok = c < nvalid;
+#pragma unroll
+        for (int k = 0; k < kW; ++k)
+            w[c][k] = ok ? A(conv_val(((const TW*)p.weight)[(d0 + c) * p.w_d + k * p.w_k])) : A(0);
+        bias[c] = ok && p.bias ? A(conv_val(((const TW*)p.bias)[(d0 + c) * p.bias_s])) : A(0);
+    }
+
+    // Slide over the staged inputs: the window holds the kW inputs ending at the current step;
+    // each output is stored as soon as it is computed.
+    T* out = (T*)p.out + b * p.out_b + d0 * p.out_d;
+    const bool silu = p.silu;
     A win[kW][kVec];
 #pragma unroll
     for (int k = 0; k < kW; ++k) {
@@ -493,62 +562,10 @@ __device__ __forceinline__ void conv_fwd_cl_steps(T* out, int64_t out_l, int64_t
                 A xs[kW];
 #pragma unroll
                 for (int k = 0; k < kW; ++k) xs[k] = win[k][c];
-                o[c] = conv_out<kW, kSeq, kSilu>(w[c], bias[c], xs, sv + i, sv[kH + i]);
+                o[c] = conv_out<kW, kSeq>(w[c], bias[c], xs, sv + i, kSeq ? sv[kH + i] : 0, silu);
             }
-            if (t0 + i < L) conv_store_chans<kVec>(out + (t0 + i) * out_l, out_d, nvalid, out_vec, o);
+            if (t0 + i < L) conv_store_chans<kVec>(out + (t0 + i) * p.out_l, p.out_d, nvalid, p.out_vec, o);
         }
-    }
-}
-
-template <typename T, typename TW, int kW>
-__global__ void __launch_bounds__(32 * kConvCLWarps)
-causal_conv1d_fwd_cl(const ConvFwdParams p) {
-    typedef typename Acc<T>::type A;
-    constexpr int kVec = ConvTraits<T>::kVec;
-    constexpr int kSteps = ConvTraits<T>::kFwdSteps;
-    constexpr int kH = kW - 1;
-    const int lane = threadIdx.x & 31;
-    const int ty = threadIdx.x >> 5;
-    const int64_t blk = blockIdx.x;
-    const int64_t db = blk % p.n_dgroups;
-    const int64_t rest = blk / p.n_dgroups;
-    const int64_t tb = rest % p.n_seg;
-    const int64_t b = rest / p.n_seg;
-    const int64_t d0 = (db * 32 + lane) * kVec;
-    const int64_t t0 = (tb * kConvCLWarps + ty) * kSteps;
-    const int64_t L = p.seqlen;
-    if (d0 >= p.dim || t0 >= L) return;  // no barriers in this kernel
-    const int nvalid = (int)min((int64_t)kVec, p.dim - d0);
-
-    const bool has_seq = p.seq_idx != nullptr;
-    const int32_t* seq = p.seq_idx + b * p.seq_b;
-    const T* x = (const T*)p.x + b * p.x_b + d0 * p.x_d;
-    const T* init = (const T*)p.initial_states + b * p.init_b + d0 * p.init_d;
-    // All loads first (raw words: 2 registers per step), then the math.
-    ConvPacked<T, kVec> raw[kH + kSteps];
-    int sv[kH + kSteps];
-    conv_stage_cl<kH + kSteps, kH>(raw, sv, x, p.x_l, p.x_d, p.x_vec, init, p.init_k, p.init_d,
-                                   p.initial_states != nullptr, seq, p.seq_l, has_seq,
-                                   has_seq ? seq[0] : 0, t0, L, nvalid);
-
-    A w[kVec][kW], bias[kVec];
-#pragma unroll
-    for (int c = 0; c < kVec; ++c) {
-        const bool ok = c < nvalid;
-#pragma unroll
-        for (int k = 0; k < kW; ++k)
-            w[c][k] = ok ? A(conv_val(((const TW*)p.weight)[(d0 + c) * p.w_d + k * p.w_k])) : A(0);
-        bias[c] = ok && p.bias ? A(conv_val(((const TW*)p.bias)[(d0 + c) * p.bias_s])) : A(0);
-    }
-
-    T* out = (T*)p.out + b * p.out_b + d0 * p.out_d;
-    const bool ov = p.out_vec;
-    if (has_seq) {
-        if (p.silu) conv_fwd_cl_steps<kW, kSteps, kVec, true, true>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
-        else conv_fwd_cl_steps<kW, kSteps, kVec, true, false>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
-    } else {
-        if (p.silu) conv_fwd_cl_steps<kW, kSteps, kVec, false, true>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
-        else conv_fwd_cl_steps<kW, kSteps, kVec, false, false>(out, p.out_l, p.out_d, ov, nvalid, raw, sv, w, bias, t0, L);
     }
 
     if (p.final_states) {
@@ -568,84 +585,18 @@ causal_conv1d_fwd_cl(const ConvFwdParams p) {
 }
 
 // ============================================================================================
-// Backward, shared per-position math
-// ============================================================================================
-
-// dpre at one position: xs/ss = window of W inputs ending at the position, g = dout there,
-// s_t = seq there, inside = position < L.
-template <int kW, bool kSeq, bool kSilu, typename A>
-__device__ __forceinline__ A conv_dpre(const A* w, A bias, const A* xs, const int* ss, int s_t, A g, bool inside) {
-    A r = g;
-    if (kSilu) r = r * conv_silu_grad(conv_out<kW, kSeq, false>(w, bias, xs, ss, s_t));
-    bool valid = inside;
-    if (kSeq) valid = valid && s_t >= 0;
-    return valid ? r : A(0);
-}
-
-// dweight/dbias partials of one position (its dpre and its visible window).
-template <int kW, bool kSeq, typename A>
-__device__ __forceinline__ void conv_accum(A* pw, A& pb, A dp, const A* xs, const int* ss, int s_t) {
-    pb += dp;
-#pragma unroll
-    for (int k = 0; k < kW; ++k) {
-        A xv = xs[k];
-        if (kSeq) xv = ss[k] == s_t ? xv : A(0);
-        pw[k] = conv_fma(dp, xv, pw[k]);
-    }
-}
-
-// dx at one position s: sum_j w[W-1-j] * dp[j] * [seq(s+j) == seq(s)], dp/ss start at s.
-template <int kW, bool kSeq, typename A>
-__device__ __forceinline__ A conv_dx(const A* w, const A* dp, const int* ss, int s_s) {
-    A acc = A(0);
-#pragma unroll
-    for (int j = 0; j < kW; ++j) {
-        A g = dp[j];
-        if (kSeq) g = ss[j] == s_s ? g : A(0);
-        acc = conv_fma(w[kW - 1 - j], g, acc);
-    }
-    return acc;
-}
-
-// ============================================================================================
 // Backward, channel-first
 // ============================================================================================
 
-// One lane's kItems steps: everything from registers. xv: [kH halo | kItems own | kH next],
-// gv (dout): [kItems own | kH next], sv like xv. Writes dx into dxo, adds partials, and for the
-// row's first lane computes dinit (m = 0..kH-1, time m - kH) without dfinal.
-template <int kW, int kItems, bool kSeq, bool kSilu, typename A>
-__device__ __forceinline__ void conv_bwd_cf_compute(A* dxo, A* dinit, A* pw, A& pb, const A* xv, const A* gv,
-                                                    const int* sv, const A* w, A bias, int64_t t0,
-                                                    int64_t L, bool first) {
-    constexpr int kH = kW - 1;
-    A dp[kItems + kH];
-#pragma unroll
-    for (int q = 0; q < kItems + kH; ++q)
-        dp[q] = conv_dpre<kW, kSeq, kSilu>(w, bias, xv + q, sv + q, sv[kH + q], gv[q], t0 + q < L);
-#pragma unroll
-    for (int q = 0; q < kItems; ++q) conv_accum<kW, kSeq>(pw, pb, dp[q], xv + q, sv + q, sv[kH + q]);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) dxo[i] = conv_dx<kW, kSeq>(w, dp + i, sv + kH + i, sv[kH + i]);
-    if (first) {
-        // dinit[m] for time s = m - kH: positions s + j >= 0 only; seq(s) = seq(0) = sv[kH].
-#pragma unroll
-        for (int m = 0; m < kH; ++m) {
-            A acc = A(0);
-#pragma unroll
-            for (int j = kH - m; j < kW; ++j) {
-                const int q = m - kH + j;   // position index (>= 0)
-                A g = dp[q];
-                if (kSeq) g = sv[kH + q] == sv[kH] ? g : A(0);
-                acc = conv_fma(w[kW - 1 - j], g, acc);
-            }
-            dinit[m] = acc;
-        }
-    }
-}
+// Register cap of the channel-first backward: the common case (no seq_idx, W <= 4, <= 4-byte
+// types) fits 80 registers without spills (6 blocks = 24 warps per SM, 2 x 16-byte loads in
+// flight per lane); the others are left uncapped (~96-128 registers, no spills).
+template <typename T, int kW, bool kSeq> struct ConvBwdCFMinBlocks {
+    static constexpr int value = (!kSeq && kW <= 4 && sizeof(T) <= 4) ? 6 : 1;
+};
 
-template <typename T, typename TW, int kW>
-__global__ void __launch_bounds__(32 * kConvCFWarps)
+template <typename T, typename TW, int kW, bool kSeq>
+__global__ void __launch_bounds__(32 * kConvCFWarps, ConvBwdCFMinBlocks<T, kW, kSeq>::value)
 causal_conv1d_bwd_cf(const ConvBwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr int kItems = ConvTraits<T>::kBwdItems;
@@ -667,9 +618,12 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
     T* dx = (T*)p.dx + b * p.dx_b + d * p.dx_d;
     const T* init = (const T*)p.initial_states + b * p.init_b + d * p.init_d;
     const T* dfin = (const T*)p.dfinal_states + b * p.dfin_b + d * p.dfin_d;
-    const bool has_seq = p.seq_idx != nullptr;
     const int32_t* seq = p.seq_idx + b * p.seq_b;
-    const int s0 = has_seq ? seq[0] : 0;
+    const bool xvec = p.x_vec && conv_aligned<16>(x);
+    const bool gvec = p.dout_vec && conv_aligned<16>(dout);
+    const bool dxvec = p.dx_vec && conv_aligned<16>(dx);
+    const bool svec = p.seq_vec && conv_aligned<16>(seq);
+    const bool silu = p.silu;
 
     A w[kW];
 #pragma unroll
@@ -685,23 +639,21 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
         if (s_start >= L) break;  // warp-uniform
         const int64_t t0 = s_start + lane * kItems;
 
+        // xv: [kH halo | kItems own | kH next]; gv (dout): [kItems own | kH next]; sv like xv.
         A xv[kH + kItems + kH], gv[kItems + kH];
         int sv[kH + kItems + kH];
-        conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, p.x_vec);
-        conv_load_row<kItems>(gv, dout, t0, L, p.dout_l, p.dout_vec);
-        if (has_seq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec);
-        else {
-#pragma unroll
-            for (int i = 0; i < kItems; ++i) sv[kH + i] = 0;
-        }
-        // halos from the neighbouring lanes
+        conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, xvec);
+        conv_load_row<kItems>(gv, dout, t0, L, p.dout_l, gvec);
+        if (kSeq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, svec);
 #pragma unroll
         for (int j = 0; j < kH; ++j) {
             xv[j] = conv_shfl_up(xv[kItems + j]);
-            sv[j] = conv_shfl_up(sv[kItems + j]);
             xv[kH + kItems + j] = conv_shfl_down(xv[kH + j]);
             gv[kItems + j] = conv_shfl_down(gv[j]);
-            sv[kH + kItems + j] = conv_shfl_down(sv[kH + j]);
+            if (kSeq) {
+                sv[j] = conv_shfl_up(sv[kItems + j]);
+                sv[kH + kItems + j] = conv_shfl_down(sv[kH + j]);
+            }
         }
         if (lane == 0) {
 #pragma unroll
@@ -709,10 +661,10 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
                 const int64_t t = t0 - kH + j;
                 if (t >= 0) {
                     xv[j] = A(conv_val(x[t * p.x_l]));
-                    sv[j] = has_seq ? seq[t * p.seq_l] : 0;
+                    if (kSeq) sv[j] = seq[t * p.seq_l];
                 } else {
                     xv[j] = p.initial_states ? A(conv_val(init[(kH + t) * p.init_k])) : A(0);
-                    sv[j] = s0;
+                    if (kSeq) sv[j] = seq[0];
                 }
             }
         }
@@ -723,19 +675,40 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
                 const bool in = t < L;
                 xv[kH + kItems + j] = in ? A(conv_val(x[t * p.x_l])) : A(0);
                 gv[kItems + j] = in ? A(conv_val(dout[t * p.dout_l])) : A(0);
-                sv[kH + kItems + j] = in && has_seq ? seq[t * p.seq_l] : 0;
+                if (kSeq) sv[kH + kItems + j] = in ? seq[t * p.seq_l] : 0;
             }
         }
 
-        A dxo[kItems], dinit[kH > 0 ? kH : 1];
-        const bool first = t0 == 0;
-        if (has_seq) {
-            if (p.silu) conv_bwd_cf_compute<kW, kItems, true, true>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
-            else conv_bwd_cf_compute<kW, kItems, true, false>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
-        } else {
-            if (p.silu) conv_bwd_cf_compute<kW, kItems, false, true>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
-            else conv_bwd_cf_compute<kW, kItems, false, false>(dxo, dinit, pw, pb, xv, gv, sv, w, bias, t0, L, first);
+        // dpre at positions q = 0 .. kItems+kH-1 (time t0 + q); the last kH are the next lane's
+        // first steps, recomputed here (their dpre feeds this lane's dx).
+        A dp[kItems + kH];
+#pragma unroll
+        for (int q = 0; q < kItems + kH; ++q)
+            dp[q] = conv_dpre<kW, kSeq>(w, bias, xv + q, sv + q, kSeq ? sv[kH + q] : 0, gv[q], t0 + q < L, silu);
+        if (t0 == 0 && p.dinitial_states) {
+            // dinit[m] (time s = m - kH) = sum over positions q = s + j >= 0 of w[kW-1-j] * dp[q],
+            // visible when seq(q) == seq(s) = seq(0); plus dfinal where the final state reaches.
+            T* dinit_out = (T*)p.dinitial_states + b * p.dinit_b + d * p.dinit_d;
+#pragma unroll
+            for (int m = 0; m < kH; ++m) {
+                A acc = A(0);
+#pragma unroll
+                for (int j = kH - m; j < kW; ++j) {
+                    const int q = m - kH + j;
+                    A g = dp[q];
+                    if (kSeq) g = sv[kH + q] == sv[kH] ? g : A(0);
+                    acc = conv_fma(w[kW - 1 - j], g, acc);
+                }
+                const int64_t t = m - kH;
+                if (p.dfinal_states && t >= L - kH) acc += A(conv_val(dfin[(t - (L - kH)) * p.dfin_k]));
+                dinit_out[m * p.dinit_k] = Convert<T>::from(acc);
+            }
         }
+#pragma unroll
+        for (int q = 0; q < kItems; ++q) conv_accum<kW, kSeq>(pw, pb, dp[q], xv + q, sv + q, kSeq ? sv[kH + q] : 0);
+        A dxo[kItems];
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) dxo[i] = conv_dx<kW, kSeq>(w, dp + i, sv + kH + i, kSeq ? sv[kH + i] : 0);
         if (p.dfinal_states) {
 #pragma unroll
             for (int i = 0; i < kItems; ++i) {
@@ -743,17 +716,7 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
                 if (t >= L - kH && t < L) dxo[i] += A(conv_val(dfin[(t - (L - kH)) * p.dfin_k]));
             }
         }
-        conv_store_row<kItems>(dx, t0, L, p.dx_l, p.dx_vec, dxo);
-        if (first && p.dinitial_states) {
-            T* dinit_out = (T*)p.dinitial_states + b * p.dinit_b + d * p.dinit_d;
-#pragma unroll
-            for (int m = 0; m < kH; ++m) {
-                const int64_t t = m - kH;
-                A v = dinit[m];
-                if (p.dfinal_states && t >= L - kH) v += A(conv_val(dfin[(t - (L - kH)) * p.dfin_k]));
-                dinit_out[m * p.dinit_k] = Convert<T>::from(v);
-            }
-        }
+        conv_store_row<kItems>(dx, t0, L, p.dx_l, dxvec, dxo);
     }
 
     // Warp reduction of the partials (fixed butterfly order), one write per (group, channel).
@@ -775,106 +738,16 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
 // Backward, channel-last
 // ============================================================================================
 
-// Slide over one thread's staged steps: positions q = 0..kSteps+kH-1 (time t0+q). dpre[q] needs
-// the kW inputs ending at q; dx at i = q - kH needs dpre[i .. q]. Both windows live in
-// registers; dx is stored as soon as it is complete.
-template <int kW, int kSteps, int kVec, bool kSeq, bool kSilu, typename T, typename A>
-__device__ __forceinline__ void conv_bwd_cl_steps(const ConvBwdParams& p, T* dx, const T* dfin, int nvalid,
-                                                  const ConvPacked<T, kVec>* xraw, const ConvPacked<T, kVec>* graw,
-                                                  const int* sv, const A (*w)[kW], const A* bias,
-                                                  A (*pw)[kW], A* pb, int64_t t0, int64_t L, T* dinit_out) {
-    constexpr int kH = kW - 1;
-    A xw[kW][kVec], dw[kW][kVec], dinit[kH][kVec];
-#pragma unroll
-    for (int k = 0; k < kW; ++k) {
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) xw[k][c] = dw[k][c] = A(0);
-    }
-#pragma unroll
-    for (int m = 0; m < kH; ++m) {
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) dinit[m][c] = A(0);
-    }
-    const bool first = t0 == 0;
-    // the halo: inputs at times t0-kH .. t0-1 fill the x window
-#pragma unroll
-    for (int u = 0; u < kH; ++u) {
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) xw[u + 1][c] = A(conv_val(xraw[u].v[c]));
-    }
-#pragma unroll
-    for (int q = 0; q < kSteps + kH; ++q) {
-#pragma unroll
-        for (int k = 0; k + 1 < kW; ++k) {
-#pragma unroll
-            for (int c = 0; c < kVec; ++c) {
-                xw[k][c] = xw[k + 1][c];
-                dw[k][c] = dw[k + 1][c];
-            }
-        }
-        const int* ss = sv + q;          // seq ids of the window ending at q
-        const int s_t = sv[kH + q];
-#pragma unroll
-        for (int c = 0; c < kVec; ++c) {
-            xw[kW - 1][c] = A(conv_val(xraw[kH + q].v[c]));
-            A xs[kW];
-#pragma unroll
-            for (int k = 0; k < kW; ++k) xs[k] = xw[k][c];
-            const A dp = conv_dpre<kW, kSeq, kSilu>(w[c], bias[c], xs, ss, s_t, A(conv_val(graw[q].v[c])), t0 + q < L);
-            if (q < kSteps) conv_accum<kW, kSeq>(pw[c], pb[c], dp, xs, ss, s_t);
-            dw[kW - 1][c] = dp;
-            if (q < kH && first) {
-                // dinit[m] (time m - kH) gets w[m - q] * dpre[q] for q <= m, if seq(q) == seq(0)
-                const A g = (!kSeq || s_t == sv[kH]) ? dp : A(0);
-#pragma unroll
-                for (int m = q; m < kH; ++m) dinit[m][c] = conv_fma(w[c][m - q], g, dinit[m][c]);
-            }
-        }
-        if (q >= kH) {
-            const int i = q - kH;
-            const int64_t t = t0 + i;
-            if (t < L) {
-                A o[kVec];
-#pragma unroll
-                for (int c = 0; c < kVec; ++c) {
-                    A dps[kW];
-#pragma unroll
-                    for (int k = 0; k < kW; ++k) dps[k] = dw[k][c];
-                    o[c] = conv_dx<kW, kSeq>(w[c], dps, sv + kH + i, sv[kH + i]);
-                }
-                if (p.dfinal_states && t >= L - kH) {
-                    A f[kVec];
-                    conv_load_chans<kVec, A>(f, dfin + (t - (L - kH)) * p.dfin_k, p.dfin_d, nvalid, false);
-#pragma unroll
-                    for (int c = 0; c < kVec; ++c) o[c] += f[c];
-                }
-                conv_store_chans<kVec>(dx + t * p.dx_l, p.dx_d, nvalid, p.dx_vec, o);
-            }
-        }
-    }
-    if (first && dinit_out) {
-#pragma unroll
-        for (int m = 0; m < kH; ++m) {
-            const int64_t t = m - kH;
-            if (p.dfinal_states && t >= L - kH) {
-                A f[kVec];
-                conv_load_chans<kVec, A>(f, dfin + (t - (L - kH)) * p.dfin_k, p.dfin_d, nvalid, false);
-#pragma unroll
-                for (int c = 0; c < kVec; ++c) dinit[m][c] += f[c];
-            }
-            conv_store_chans<kVec>(dinit_out + m * p.dinit_k, p.dinit_d, nvalid, false, dinit[m]);
-        }
-    }
-}
-
-template <typename T, typename TW, int kW>
+template <typename T, typename TW, int kW, bool kSeq>
 __global__ void __launch_bounds__(32 * kConvCLWarps)
 causal_conv1d_bwd_cl(const ConvBwdParams p) {
     typedef typename Acc<T>::type A;
+    typedef typename ConvRaw<sizeof(T) * ConvTraits<T>::kBwdVec>::type Raw;
     constexpr int kVec = ConvTraits<T>::kBwdVec;
     constexpr int kSteps = ConvTraits<T>::kBwdSteps;
     constexpr int kH = kW - 1;
     constexpr int kSlice = kConvCLWarps * kSteps;      // time steps of one block iteration
+    constexpr int kBytes = sizeof(T) * kVec;
     const int lane = threadIdx.x & 31;
     const int ty = threadIdx.x >> 5;
     const int64_t blk = blockIdx.x;
@@ -906,15 +779,16 @@ causal_conv1d_bwd_cl(const ConvBwdParams p) {
                 w[c][k] = ok ? A(conv_val(((const TW*)p.weight)[(d0 + c) * p.w_d + k * p.w_k])) : A(0);
             bias[c] = ok && p.bias ? A(conv_val(((const TW*)p.bias)[(d0 + c) * p.bias_s])) : A(0);
         }
-        const bool has_seq = p.seq_idx != nullptr;
         const int32_t* seq = p.seq_idx + b * p.seq_b;
-        const int s0 = has_seq ? seq[0] : 0;
         const T* x = (const T*)p.x + b * p.x_b + d0 * p.x_d;
         const T* dout = (const T*)p.dout + b * p.dout_b + d0 * p.dout_d;
         T* dx = (T*)p.dx + b * p.dx_b + d0 * p.dx_d;
         const T* init = (const T*)p.initial_states + b * p.init_b + d0 * p.init_d;
         const T* dfin = (const T*)p.dfinal_states + b * p.dfin_b + d0 * p.dfin_d;
-        T* dinit_out = p.dinitial_states ? (T*)p.dinitial_states + b * p.dinit_b + d0 * p.dinit_d : nullptr;
+        T* dinit_out = (T*)p.dinitial_states + b * p.dinit_b + d0 * p.dinit_d;
+        const bool gvec = p.dout_vec && nvalid == kVec && conv_aligned<kBytes>(dout) &&
+                          ((p.dout_l * (int64_t)sizeof(T)) % kBytes) == 0;
+        const bool silu = p.silu;
 
         for (int it = 0; it < kConvCLBwdIters; ++it) {
             const int64_t t0 = (tb * kConvCLBwdIters + it) * kSlice + ty * kSteps;
@@ -922,27 +796,105 @@ causal_conv1d_bwd_cl(const ConvBwdParams p) {
             // x at times t0-kH .. t0+kSteps+kH-1, dout at t0 .. t0+kSteps+kH-1 (raw words)
             ConvPacked<T, kVec> xraw[kH + kSteps + kH], graw[kSteps + kH];
             int sv[kH + kSteps + kH];
-            conv_stage_cl<kH + kSteps + kH, kH>(xraw, sv, x, p.x_l, p.x_d, p.x_vec, init, p.init_k, p.init_d,
-                                                p.initial_states != nullptr, seq, p.seq_l, has_seq, s0, t0, L, nvalid);
-            if (p.dout_vec && nvalid == kVec && t0 + kSteps + kH <= L) {
+            conv_stage_cl<kH + kSteps + kH, kH, kVec, kSeq>(xraw, sv, x, p.x_l, p.x_d, p.x_vec, init, p.init_k,
+                                                           p.init_d, p.initial_states != nullptr, seq, p.seq_l,
+                                                           t0, L, nvalid);
+            if (gvec && t0 + kSteps + kH <= L) {
                 const T* pg = dout + t0 * p.dout_l;
 #pragma unroll
-                for (int q = 0; q < kSteps + kH; ++q)
-                    graw[q].raw = *reinterpret_cast<const typename ConvRaw<sizeof(T) * kVec>::type*>(pg + q * p.dout_l);
+                for (int q = 0; q < kSteps + kH; ++q) graw[q].raw = *reinterpret_cast<const Raw*>(pg + q * p.dout_l);
             } else {
 #pragma unroll
                 for (int q = 0; q < kSteps + kH; ++q) {
                     const int64_t t = t0 + q;
-                    if (t < L) conv_load_chans_raw(graw[q], dout + t * p.dout_l, p.dout_d, nvalid, p.dout_vec);
+                    if (t < L) conv_load_chans_raw(graw[q], dout + t * p.dout_l, p.dout_d, nvalid, gvec);
                     else conv_zero_raw(graw[q]);
                 }
             }
-            if (has_seq) {
-                if (p.silu) conv_bwd_cl_steps<kW, kSteps, kVec, true, true>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
-                else conv_bwd_cl_steps<kW, kSteps, kVec, true, false>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
-            } else {
-                if (p.silu) conv_bwd_cl_steps<kW, kSteps, kVec, false, true>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
-                else conv_bwd_cl_steps<kW, kSteps, kVec, false, false>(p, dx, dfin, nvalid, xraw, graw, sv, w, bias, pw, pb, t0, L, dinit_out);
+
+            // Slide over positions q = 0..kSteps+kH-1 (time t0+q): dpre[q] needs the kW inputs
+            // ending at q; dx at i = q - kH needs dpre[i .. q]. Both windows live in registers;
+            // dx is stored as soon as it is complete.
+            const bool first = t0 == 0;
+            A xw[kW][kVec], dw[kW][kVec], dinit[kH][kVec];
+#pragma unroll
+            for (int k = 0; k < kW; ++k) {
+#pragma unroll
+                for (int c = 0; c < kVec; ++c) xw[k][c] = dw[k][c] = A(0);
+            }
+#pragma unroll
+            for (int m = 0; m < kH; ++m) {
+#pragma unroll
+                for (int c = 0; c < kVec; ++c) dinit[m][c] = A(0);
+            }
+#pragma unroll
+            for (int u = 0; u < kH; ++u) {  // the halo: times t0-kH .. t0-1
+#pragma unroll
+                for (int c = 0; c < kVec; ++c) xw[u + 1][c] = A(conv_val(xraw[u].v[c]));
+            }
+#pragma unroll
+            for (int q = 0; q < kSteps + kH; ++q) {
+#pragma unroll
+                for (int k = 0; k + 1 < kW; ++k) {
+#pragma unroll
+                    for (int c = 0; c < kVec; ++c) {
+                        xw[k][c] = xw[k + 1][c];
+                        dw[k][c] = dw[k + 1][c];
+                    }
+                }
+                const int* ss = sv + q;          // seq ids of the window ending at q
+                const int s_t = kSeq ? sv[kH + q] : 0;
+#pragma unroll
+                for (int c = 0; c < kVec; ++c) {
+                    xw[kW - 1][c] = A(conv_val(xraw[kH + q].v[c]));
+                    A xs[kW];
+#pragma unroll
+                    for (int k = 0; k < kW; ++k) xs[k] = xw[k][c];
+                    const A dp = conv_dpre<kW, kSeq>(w[c], bias[c], xs, ss, s_t, A(conv_val(graw[q].v[c])),
+                                                     t0 + q < L, silu);
+                    if (q < kSteps) conv_accum<kW, kSeq>(pw[c], pb[c], dp, xs, ss, s_t);
+                    dw[kW - 1][c] = dp;
+                    if (q < kH && first) {
+                        // dinit[m] (time m - kH) gets w[m - q] * dpre[q] for q <= m, if seq(q) == seq(0)
+                        const A g = (!kSeq || s_t == sv[kH]) ? dp : A(0);
+#pragma unroll
+                        for (int m = q; m < kH; ++m) dinit[m][c] = conv_fma(w[c][m - q], g, dinit[m][c]);
+                    }
+                }
+                if (q >= kH) {
+                    const int i = q - kH;
+                    const int64_t t = t0 + i;
+                    if (t < L) {
+                        A o[kVec];
+#pragma unroll
+                        for (int c = 0; c < kVec; ++c) {
+                            A dps[kW];
+#pragma unroll
+                            for (int k = 0; k < kW; ++k) dps[k] = dw[k][c];
+                            o[c] = conv_dx<kW, kSeq>(w[c], dps, sv + kH + i, kSeq ? sv[kH + i] : 0);
+                        }
+                        if (p.dfinal_states && t >= L - kH) {
+                            A f[kVec];
+                            conv_load_chans<kVec>(f, dfin + (t - (L - kH)) * p.dfin_k, p.dfin_d, nvalid);
+#pragma unroll
+                            for (int c = 0; c < kVec; ++c) o[c] += f[c];
+                        }
+                        conv_store_chans<kVec>(dx + t * p.dx_l, p.dx_d, nvalid, p.dx_vec, o);
+                    }
+                }
+            }
+            if (first && p.dinitial_states) {
+#pragma unroll
+                for (int m = 0; m < kH; ++m) {
+                    const int64_t t = m - kH;
+                    if (p.dfinal_states && t >= L - kH) {
+                        A f[kVec];
+                        conv_load_chans<kVec>(f, dfin + (t - (L - kH)) * p.dfin_k, p.dfin_d, nvalid);
+#pragma unroll
+                        for (int c = 0; c < kVec; ++c) dinit[m][c] += f[c];
+                    }
+                    conv_store_chans<kVec>(dinit_out + m * p.dinit_k, p.dinit_d, nvalid, false, dinit[m]);
+                }
             }
         }
     }

@@ -21,11 +21,12 @@ namespace ssm {
 
 constexpr int kBwdItems = 8;                 // 32 x 8 = 256 = the forward's save spacing
 constexpr int kBwdChunk = 32 * kBwdItems;
-// Real fp32-state variants: 2 blocks of 8 warps per SM (registers capped at 128). Complex and
-// fp64 variants hold twice the bytes per value; capping them spills heavily, so they take 1.
-template <typename W> struct BwdMinBlocks { static constexpr int value = 2; };
-template <> struct BwdMinBlocks<double> { static constexpr int value = 1; };
-template <typename R> struct BwdMinBlocks<complex<R>> { static constexpr int value = 1; };
+// Real fp32 state: blocks of up to 16 warps (half the dB/dC partials of 8), one per SM, so
+// registers cap at 128. Complex and fp64 values are twice as wide and spill kilobytes under
+// that cap: up to 8 warps, up to 255 registers. Mirrored by the host (bwd_warps).
+template <typename W> struct BwdMaxThreads { static constexpr int value = 512; };
+template <> struct BwdMaxThreads<double> { static constexpr int value = 256; };
+template <typename R> struct BwdMaxThreads<complex<R>> { static constexpr int value = 256; };
 
 __device__ __forceinline__ float re_part(float x) { return x; }
 __device__ __forceinline__ double re_part(double x) { return x; }
@@ -272,7 +273,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
 }
 
 template <typename In, typename W, bool kVarB, bool kVarC>
-__global__ void __launch_bounds__(256, BwdMinBlocks<W>::value) selective_scan_bwd(const SelectiveScanParams p) {
+__global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd(const SelectiveScanParams p) {
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;

@@ -90,6 +90,9 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
+    // Prefetching state n+1's B/C rows during state n costs 4 * kItems * sizeof(BCs) / 4
+    // registers; with 16 items it spills, so it is used with 8.
+    constexpr bool kPrefetch = T <= 8;
     const int64_t N = p.dstate, L = p.seqlen;
     const int64_t t0 = c0 + lane * T;
     R u[T], dl[T], dlu[T], y[T];
@@ -113,7 +116,7 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
     if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
     for (int64_t n = 0; n < N; ++n) {
         const Vec<BCs, T> vb = nb, vc = nc;
-        if (n + 1 < N) {
+        if (kPrefetch && n + 1 < N) {
             bp += p.B_n;
             cp += p.C_n;
             if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
@@ -145,6 +148,12 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
         __syncwarp();
         if (lane == 31) w.carry[n] = h;
         __syncwarp();
+        if (!kPrefetch && n + 1 < N) {
+            bp += p.B_n;
+            cp += p.C_n;
+            if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
+            if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
+        }
     }
     if (w.z) {
         R zv[T];

@@ -18,8 +18,17 @@ FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 COMPLEX_NAMES = ("complex64", "complex128")
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def dtype_name(x: Any) -> str:
-    return str(np.dtype(x.dtype)) if not hasattr(x.dtype, "name") else x.dtype.name
+    """'float32', 'bfloat16', ... for NumPy/CuPy arrays. Hot path: NumPy computes ``dtype.name``
+    in Python on every access (~5 us), so names are cached per dtype object."""
+    dt = x.dtype
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = np.dtype(dt).name
+    return name
 
 
 def _is_cupy(x) -> bool:

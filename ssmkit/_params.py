@@ -7,6 +7,8 @@ kernel as one by-value argument (a NumPy void scalar, which CuPy passes as raw b
 """
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 # C type -> NumPy type of the same size and alignment.
@@ -19,6 +21,9 @@ CTYPES = {
 }
 
 
+_STRUCT = {"ptr": "Q", "int64_t": "q", "int32_t": "i", "float": "f", "double": "d"}
+
+
 class Params:
     """A C struct mirror. ``fields`` is a list of (name, ctype) in declaration order."""
 
@@ -27,14 +32,40 @@ class Params:
         self.fields = fields
         self.names = [n for n, _ in fields]
         self.dtype = np.dtype([(n, CTYPES[t]) for n, t in fields], align=True)
-        self._defaults = tuple(0 for _ in fields)
+        # struct.pack with explicit padding is ~10x faster than filling a structured array.
+        fmt, pos = "<", 0
+        for n, t in fields:
+            off = self.dtype.fields[n][1]
+            fmt += "x" * (off - pos) + _STRUCT[t]
+            pos = off + np.dtype(CTYPES[t]).itemsize
+        fmt += "x" * (self.dtype.itemsize - pos)
+        self._struct = struct.Struct(fmt)
+        assert self._struct.size == self.dtype.itemsize
+        self._index = {n: i for i, n in enumerate(self.names)}
 
     def pack(self, **values) -> np.void:
-        unknown = set(values) - set(self.names)
-        if unknown:
-            raise KeyError(f"{self.c_name}: unknown fields {sorted(unknown)}")
-        row = tuple(values.get(n, 0) for n in self.names)
-        return np.array(row, dtype=self.dtype)[()]
+        row = [0] * len(self.names)
+        index = self._index
+        try:
+            for k, v in values.items():
+                row[index[k]] = v
+        except KeyError as exc:
+            raise KeyError(f"{self.c_name}: unknown field {exc}") from None
+        return np.frombuffer(self._struct.pack(*row), dtype=self.dtype)[0]
+
+    def row(self, **values) -> list:
+        """A field list in declaration order (missing fields 0), for ``pack_row``."""
+        row = [0] * len(self.names)
+        for k, v in values.items():
+            row[self._index[k]] = v
+        return row
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def pack_row(self, row: list) -> np.void:
+        """Pack a full field list (see ``row``): the hot path of prepared launches (~2 us)."""
+        return np.frombuffer(self._struct.pack(*row), dtype=self.dtype)[0]
 
     def layout_asserts(self) -> str:
         """C++ static_asserts that the C struct has this mirror's size and field offsets."""

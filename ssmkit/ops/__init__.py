@@ -2,3 +2,4 @@
 from . import linear_scan  # noqa: F401
 from . import selective_scan  # noqa: F401
 from . import selective_state_update  # noqa: F401
+from . import causal_conv1d  # noqa: F401

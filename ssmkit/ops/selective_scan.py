@@ -14,7 +14,8 @@ import numpy as np
 
 from .._arrays import CUPY, backend_of, dtype_name
 from .._compile import KernelRef
-from .._launch import launch
+from .._launch import prepare
+from .._plan import PlanCache, layout_key
 from .._params import Params, ptr, strides_elems
 from .._registry import register
 from .._validate import check_array, check_flag, check_ndim, check_range
@@ -29,9 +30,11 @@ MAX_N = 2048           # bounded only by shared memory: 4 N state values per war
 
 SAVE_EVERY = 256       # kSaveEvery in selective_scan_fwd.cu: saved-state spacing = backward chunk
 BWD_ITEMS = 8          # kBwdItems in selective_scan_bwd.cu
-# 8 channels (warps) per block: the warps of a block read the same variable B/C rows, so 7 of
-# 8 reads hit L1.
+# 8 channels (warps) per block in the forward: the warps of a block read the same variable B/C
+# rows, so 7 of 8 reads hit L1. 16 in the backward: half the per-block dB/dC partials
+# (B * G * D/16 * N * L * 4 bytes each) that the host must sum.
 WARPS_PER_BLOCK = 8
+WARPS_PER_BLOCK_BWD = 16
 SMEM_LIMIT = 227 * 1024  # sm_80/sm_90 opt-in limit; blocks shrink (fewer warps) above it
 
 
@@ -51,9 +54,11 @@ class KernelConfig:
 
 def kernel_config(in_dtype: str, w_dtype: str, var_b: bool, var_c: bool) -> KernelConfig:
     """The one place where a problem becomes template parameters."""
-    # 8 steps per lane (chunk 256). 16 halves the warp-scan work per element but needs ~160
-    # registers with B/C prefetch (spills under the 128 cap of 2 blocks/SM): measured first.
-    return KernelConfig(in_dtype, w_dtype, var_b, var_c, 8)
+    # Real fp16/bf16/fp32: 16 steps per lane (chunk 512): half the warp-scan work per element.
+    # Measured at b8 d1536 l2048 n16, kernel alone: bf16 0.454 -> 0.370 ms, fp32 0.692 -> 0.661.
+    # Complex and fp64 values are twice as wide: 8 (registers).
+    items = 8 if (w_dtype.startswith("complex") or in_dtype == "float64") else 16
+    return KernelConfig(in_dtype, w_dtype, var_b, var_c, items)
 
 
 def fwd_ref(cfg: KernelConfig) -> KernelRef:
@@ -213,6 +218,8 @@ def _launch_shape(spec: SelectiveScanSpec, smem_fn) -> tuple[int, int, int]:
     cfg = spec.config
     dpg = spec.dim // spec.groups
     warps = WARPS_PER_BLOCK
+    if smem_fn is bwd_smem and spec.w_dtype == "float32":   # BwdMaxThreads in selective_scan_bwd.cu
+        warps = WARPS_PER_BLOCK_BWD
     while warps > 1 and (smem_fn(cfg, warps, spec.dstate) > SMEM_LIMIT or warps >= 2 * dpg):
         warps //= 2
     smem = smem_fn(cfg, warps, spec.dstate)
@@ -258,7 +265,12 @@ def _rows_aligned(X) -> bool:
     return all(st % 16 == 0 for st, n in zip(X.strides[:-1], X.shape[:-1]) if n > 1)
 
 
-def vec_ok(spec, arrays, extra=()) -> bool:
+def _contiguous_rows_aligned(L: int, itemsize: int) -> bool:
+    """Rows of an output we allocate contiguously (CuPy's pool aligns every block to 512 B)."""
+    return (L * itemsize) % 16 == 0
+
+
+def vec_ok(spec, arrays: dict, extra=()) -> bool:
     """Whether every (B, D, L)-like row the kernels stream is vector-loadable (host-side, once)."""
     rows = [arrays.get(k) for k in ("u", "delta", "z")] + list(extra)
     if spec.var_b:
@@ -268,34 +280,92 @@ def vec_ok(spec, arrays, extra=()) -> bool:
     return all(_rows_aligned(x) for x in rows)
 
 
-def _gather(named):
-    backend, arr = backend_of(OP, named)
-    return backend, arr
+_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+_PTR_FIELDS = _NAMES
+_FWD_PLANS = PlanCache()
+_BWD_PLANS = PlanCache()
 
 
-def _fwd_gpu(spec, arrays, out, want_last, want_saved):
+def _check_device(arrays: dict) -> None:
     import cupy
 
-    u = arrays["u"]
-    if out is None:
-        out = cupy.empty(u.shape, dtype=u.dtype)
-    else:
-        check_array(OP, "out", out, u.shape, "BDL", dtypes=(spec.in_dtype,))
-    last = cupy.empty((spec.batch, spec.dim, spec.dstate), dtype=spec.w_dtype) if want_last else None
-    saved = (cupy.empty((spec.batch, spec.dim, spec.n_saved, spec.dstate), dtype=spec.w_dtype)
-             if want_saved else None)
-    f = _common_fields(spec, *(arrays[k] for k in ("u", "delta", "A", "B", "C", "D", "z",
-                                                    "delta_bias", "initial_state")))
-    so = strides_elems(out)
-    warps, bpg, smem = _launch_shape(spec, fwd_smem)
-    f.update(out=ptr(out), out_b=so[0], out_d=so[1], out_l=so[2], last_state=ptr(last),
-             saved_states=ptr(saved), blocks_per_group=bpg, vec_ok=int(vec_ok(spec, arrays, (out,))))
-    launch(fwd_ref(spec.config), grid=(spec.batch * spec.groups * bpg,), block=(32, warps),
-           args=(PARAMS.pack(**f),), shared_mem=smem)
-    return out, last, saved
+    dev = cupy.cuda.runtime.getDevice()
+    for name, a in arrays.items():
+        if a is not None and a.device.id != dev:
+            raise ValueError(f"{OP}: argument '{name}' is on cuda:{a.device.id} but the current device "
+                             f"is cuda:{dev}; call under `with cupy.cuda.Device({a.device.id}):`")
 
 
-_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+class _FwdPlan:
+    """A validated forward layout: launches with pointers only."""
+
+    def __init__(self, spec: SelectiveScanSpec, arrays: dict, out, want_last: bool, want_saved: bool):
+        self.spec = spec
+        self.want_last, self.want_saved = want_last, want_saved
+        B, D, L, N = spec.batch, spec.dim, spec.seqlen, spec.dstate
+        self.out_shape, self.state_shape, self.saved_shape = (B, D, L), (B, D, N), (B, D, spec.n_saved, N)
+        self.in_dtype = arrays["u"].dtype
+        f = _common_fields(spec, *(arrays[k] for k in _NAMES))
+        if out is not None:
+            so = strides_elems(out)
+            out_ok = _rows_aligned(out)
+        else:
+            so = (D * L, L, 1)
+            out_ok = _contiguous_rows_aligned(L, self.in_dtype.itemsize)
+        warps, bpg, smem = _launch_shape(spec, fwd_smem)
+        f.update(out_b=so[0], out_d=so[1], out_l=so[2], blocks_per_group=bpg,
+                 vec_ok=int(out_ok and vec_ok(spec, arrays)))
+        self.row = PARAMS.row(**f)
+        self.ptr_index = [PARAMS.index(n) for n in _PTR_FIELDS]
+        self.i_out, self.i_last, self.i_saved = (PARAMS.index(n) for n in ("out", "last_state", "saved_states"))
+        self.launch = prepare(fwd_ref(spec.config), grid=(B * spec.groups * bpg,), block=(32, warps),
+                              shared_mem=smem)
+
+    def __call__(self, ptrs, out):
+        import cupy
+
+        row = self.row[:]
+        for i, p in zip(self.ptr_index, ptrs):
+            row[i] = p
+        if out is None:
+            out = cupy.empty(self.out_shape, self.in_dtype)
+        row[self.i_out] = out.data.ptr
+        last = saved = None
+        if self.want_last:
+            last = cupy.empty(self.state_shape, self.spec.w_dtype)
+            row[self.i_last] = last.data.ptr
+        if self.want_saved:
+            saved = cupy.empty(self.saved_shape, self.spec.w_dtype)
+            row[self.i_saved] = saved.data.ptr
+        self.launch((PARAMS.pack_row(row),))
+        return out, last, saved
+
+
+def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool):
+    """(backend, spec or None, result) for the forward. CuPy layouts seen before skip validation."""
+    key, ptrs = layout_key(args + (out,), (delta_softplus, want_last, want_saved))
+    plan = _FWD_PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return CUPY, plan.spec, plan(ptrs[:-1], out)
+    backend, arr = backend_of(OP, dict(zip(_NAMES + ("out",), args + (out,))))
+    out = arr.pop("out")
+    spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
+    if out is not None:
+        check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.in_dtype,))
+    if backend != CUPY:
+        from ..reference import selective_scan as ref
+
+        res = ref(*(arr[k] for k in _NAMES[:5]), D=arr["D"], z=arr["z"], delta_bias=arr["delta_bias"],
+                  delta_softplus=delta_softplus, initial_state=arr["initial_state"], return_last_state=True)
+        if out is not None:
+            out[...] = res[0]
+            res = (out, res[1])
+        return backend, spec, res + (None,)
+    _check_device(dict(arr, out=out))
+    plan = _FwdPlan(spec, arr, out, want_last, want_saved)
+    key, ptrs = layout_key(tuple(arr[k] for k in _NAMES) + (out,), (delta_softplus, want_last, want_saved))
+    _FWD_PLANS.put(key, plan)
+    return CUPY, spec, plan([0 if arr[k] is None else arr[k].data.ptr for k in _NAMES], out)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -308,22 +378,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     D, delta_bias: (D,) float32 (float64). initial_state: (B, D, N) in A's dtype.
     Returns out (B, D, L) in u's dtype, and last_state (B, D, N) in A's dtype when
     ``return_last_state``. ``out`` may be a preallocated (B, D, L) array of u's dtype.
-    NumPy inputs run the float64 reference; CuPy inputs run the CUDA kernel.
+    NumPy inputs run the float64 reference; CuPy inputs run the CUDA kernel (the first call of
+    each layout validates; later calls only launch).
     """
     check_flag(OP, "return_last_state", return_last_state)
-    backend, arr = backend_of(OP, dict(zip(_NAMES, (u, delta, A, B, C, D, z, delta_bias, initial_state))))
-    spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
-    if backend != CUPY:
-        from ..reference import selective_scan as ref
-
-        res = ref(*(arr[k] for k in _NAMES[:5]), D=arr["D"], z=arr["z"], delta_bias=arr["delta_bias"],
-                  delta_softplus=delta_softplus, initial_state=arr["initial_state"],
-                  return_last_state=return_last_state)
-        if out is not None:
-            o = res[0] if return_last_state else res
-            out[...] = o
-        return res
-    o, last, _ = _fwd_gpu(spec, arr, out, return_last_state, False)
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _, _, (o, last, _) = _forward(args, delta_softplus, out, return_last_state, False)
     return (o, last) if return_last_state else o
 
 
@@ -347,17 +407,79 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     holds the chunk-boundary states the backward recomputes from. Shapes as ``selective_scan``.
     Bytes kept per call: B * D * ceil(L / 256) * N * itemsize(A) (``saved.nbytes``).
     On NumPy inputs ``saved.states`` is None (the reference backward recomputes everything)."""
-    backend, arr = backend_of(OP, dict(zip(_NAMES, (u, delta, A, B, C, D, z, delta_bias, initial_state))))
-    spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
-    if backend != CUPY:
-        from ..reference import selective_scan as ref
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _, spec, (o, last, states) = _forward(args, delta_softplus, out, True, True)
+    return o, last, ScanSaved(states, spec)
 
-        o, last = ref(*(arr[k] for k in _NAMES[:5]), D=arr["D"], z=arr["z"], delta_bias=arr["delta_bias"],
-                      delta_softplus=delta_softplus, initial_state=arr["initial_state"],
-                      return_last_state=True)
-        return o, last, ScanSaved(None, spec)
-    o, last, saved = _fwd_gpu(spec, arr, out, True, True)
-    return o, last, ScanSaved(saved, spec)
+
+class _BwdPlan:
+    """A validated backward layout: allocates the gradients and launches with pointers only."""
+
+    _OUT_PTRS = ("du", "ddelta", "dz", "dinitial_state", "dA_part", "dB_part", "dC_part", "dD_part",
+                 "ddelta_bias_part")
+
+    def __init__(self, spec: SelectiveScanSpec, arrays: dict):
+        self.spec = spec
+        Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
+        warps, bpg, smem = _launch_shape(spec, bwd_smem)
+        self.in_dtype = arrays["u"].dtype
+        wdt, real_w = spec.w_dtype, weight_dtypes(spec.in_dtype)[0]
+        act = (Bsz, Dsz, L)
+        self.shapes = {
+            "du": (act, self.in_dtype), "ddelta": (act, self.in_dtype),
+            "dz": (act, self.in_dtype) if spec.has_z else None,
+            "dinitial_state": ((Bsz, Dsz, N), wdt) if spec.has_initial else None,
+            "dA_part": ((Bsz, Dsz, N), wdt),
+            "dB_part": ((Bsz, G, bpg, N, L) if spec.var_b else (Bsz, Dsz, N), wdt),
+            "dC_part": ((Bsz, G, bpg, N, L) if spec.var_c else (Bsz, Dsz, N), wdt),
+            "dD_part": ((Bsz, Dsz), real_w) if spec.has_D else None,
+            "ddelta_bias_part": ((Bsz, Dsz), real_w) if spec.has_delta_bias else None,
+        }
+        self.B_shape, self.C_shape = arrays["B"].shape, arrays["C"].shape
+        self.B_dtype, self.C_dtype, self.A_dtype = arrays["B"].dtype, arrays["C"].dtype, arrays["A"].dtype
+        f = _common_fields(spec, *(arrays[k] for k in _NAMES))
+        sdo = strides_elems(arrays["dout"])
+        c = (Dsz * L, L, 1)
+        f.update(blocks_per_group=bpg, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
+                 du_b=c[0], du_d=c[1], du_l=c[2], ddelta_b=c[0], ddelta_d=c[1], ddelta_l=c[2],
+                 dz_b=c[0], dz_d=c[1], dz_l=c[2],
+                 vec_ok=int(vec_ok(spec, arrays, (arrays["dout"],))
+                            and _contiguous_rows_aligned(L, self.in_dtype.itemsize)))
+        if arrays["dlast_state"] is not None:
+            sl = strides_elems(arrays["dlast_state"])
+            f.update(dlast_b=sl[0], dlast_d=sl[1], dlast_n=sl[2])
+        self.row = PARAMS.row(**f)
+        self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states")]
+        self.out_index = [PARAMS.index(n) for n in self._OUT_PTRS]
+        self.launch = prepare(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps), shared_mem=smem)
+
+    def __call__(self, ptrs):
+        import cupy
+
+        row = self.row[:]
+        for i, p in zip(self.ptr_index, ptrs):
+            row[i] = p
+        outs = {}
+        for name, i in zip(self._OUT_PTRS, self.out_index):
+            sd = self.shapes[name]
+            if sd is not None:
+                outs[name] = cupy.empty(*sd)
+                row[i] = outs[name].data.ptr
+            else:
+                outs[name] = None
+        self.launch((PARAMS.pack_row(row),))
+        spec = self.spec
+        dA = outs["dA_part"].sum(axis=0).astype(self.A_dtype, copy=False)
+
+        def finish(part, shape, dtype, var):
+            total = part.sum(axis=2).reshape(shape) if var else part.sum(axis=0)
+            return total.astype(dtype, copy=False)
+
+        dB = finish(outs["dB_part"], self.B_shape, self.B_dtype, spec.var_b)
+        dC = finish(outs["dC_part"], self.C_shape, self.C_dtype, spec.var_c)
+        dD = outs["dD_part"].sum(axis=0) if spec.has_D else None
+        dbias = outs["ddelta_bias_part"].sum(axis=0) if spec.has_delta_bias else None
+        return (outs["du"], outs["ddelta"], dA, dB, dC, dD, outs["dz"], dbias, outs["dinitial_state"])
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -369,11 +491,15 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     ``dlast_state`` (B, D, N) is the gradient flowing into last_state, if any.
     Deterministic: no floating-point atomics; every sum has a fixed order, so repeated calls
     are bitwise identical. Temporary memory: variable dB/dC take per-block partials of
-    B * G * ceil(D / G / 8) * N * L * 4 bytes each (fp32), summed on the device.
+    B * G * ceil(D / G / 16) * N * L * 4 bytes each (fp32), summed on the device.
     """
-    backend, arr = backend_of(OP, dict(zip(_NAMES + ("dout", "dlast_state"),
-                                           (u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                            dout, dlast_state))))
+    args = (u, delta, A, B, C, D, z, delta_bias, initial_state, dout, dlast_state)
+    states = getattr(saved, "states", None)
+    key, ptrs = layout_key(args + (states,), (delta_softplus,))
+    plan = _BWD_PLANS.get(key) if key is not None else None
+    if plan is not None and saved.spec == plan.spec:
+        return plan(ptrs)
+    backend, arr = backend_of(OP, dict(zip(_NAMES + ("dout", "dlast_state"), args)))
     spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
     check_array(OP, "dout", arr["dout"], (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.in_dtype,))
     if arr["dlast_state"] is not None:
@@ -385,57 +511,18 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return ref(arr["dout"], *(arr[k] for k in _NAMES[:5]), D=arr["D"], z=arr["z"],
                    delta_bias=arr["delta_bias"], delta_softplus=delta_softplus,
                    initial_state=arr["initial_state"], dlast_state=arr["dlast_state"])
-    import cupy
-
-    if saved is None or saved.states is None:
+    if states is None:
         raise ValueError(f"{OP}: selective_scan_bwd needs the 'saved' states from selective_scan_fwd "
                          "on GPU inputs")
     if saved.spec != spec:
         raise ValueError(f"{OP}: 'saved' was produced for a different problem ({saved.spec}), "
                          f"not this one ({spec})")
-    u_, delta_, z_ = arr["u"], arr["delta"], arr["z"]
-    du = cupy.empty(u_.shape, u_.dtype)
-    ddelta = cupy.empty(delta_.shape, delta_.dtype)
-    dz = cupy.empty(z_.shape, z_.dtype) if z_ is not None else None
-    warps, bpg, smem = _launch_shape(spec, bwd_smem)
-    Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
-    wdt = spec.w_dtype
-    real_w = weight_dtypes(spec.in_dtype)[0]
-    dA_part = cupy.empty((Bsz, Dsz, N), wdt)
-    dB_part = cupy.empty((Bsz, G, bpg, N, L) if spec.var_b else (Bsz, Dsz, N), wdt)
-    dC_part = cupy.empty((Bsz, G, bpg, N, L) if spec.var_c else (Bsz, Dsz, N), wdt)
-    dD_part = cupy.empty((Bsz, Dsz), real_w) if spec.has_D else None
-    dbias_part = cupy.empty((Bsz, Dsz), real_w) if spec.has_delta_bias else None
-    dinit = cupy.empty((Bsz, Dsz, N), wdt) if spec.has_initial else None
-    f = _common_fields(spec, *(arr[k] for k in _NAMES))
-    sdo, sdu, sdd = strides_elems(arr["dout"]), strides_elems(du), strides_elems(ddelta)
-    f.update(saved_states=ptr(saved.states), dout=ptr(arr["dout"]), dlast_state=ptr(arr["dlast_state"]),
-             du=ptr(du), ddelta=ptr(ddelta), dz=ptr(dz), dinitial_state=ptr(dinit),
-             dA_part=ptr(dA_part), dB_part=ptr(dB_part), dC_part=ptr(dC_part), dD_part=ptr(dD_part),
-             ddelta_bias_part=ptr(dbias_part), blocks_per_group=bpg,
-             dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2], du_b=sdu[0], du_d=sdu[1], du_l=sdu[2],
-             ddelta_b=sdd[0], ddelta_d=sdd[1], ddelta_l=sdd[2],
-             vec_ok=int(vec_ok(spec, arr, (arr["dout"], du, ddelta, dz))))
-    if dz is not None:
-        sdz = strides_elems(dz)
-        f.update(dz_b=sdz[0], dz_d=sdz[1], dz_l=sdz[2])
-    if arr["dlast_state"] is not None:
-        sl = strides_elems(arr["dlast_state"])
-        f.update(dlast_b=sl[0], dlast_d=sl[1], dlast_n=sl[2])
-    launch(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps),
-           args=(PARAMS.pack(**f),), shared_mem=smem)
-    dA = dA_part.sum(axis=0).astype(arr["A"].dtype, copy=False)
-
-    def finish(part, X, var):
-        if var:
-            total = part.sum(axis=2)                       # (B, G, N, L)
-            total = total.reshape(X.shape)
-        else:
-            total = part.sum(axis=0)                       # (D, N)
-        return total.astype(X.dtype, copy=False)
-
-    dB = finish(dB_part, arr["B"], spec.var_b)
-    dC = finish(dC_part, arr["C"], spec.var_c)
-    dD = dD_part.sum(axis=0) if dD_part is not None else None
-    dbias = dbias_part.sum(axis=0) if dbias_part is not None else None
-    return du, ddelta, dA, dB, dC, dD, dz, dbias, dinit
+    _check_device(arr)
+    plan = _BWD_PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = _BwdPlan(spec, arr)
+        key, ptrs = layout_key(tuple(arr[k] for k in _NAMES + ("dout", "dlast_state")) + (states,),
+                               (delta_softplus,))
+        _BWD_PLANS.put(key, plan)
+    ptrs = [0 if arr[k] is None else arr[k].data.ptr for k in _NAMES + ("dout", "dlast_state")]
+    return plan(ptrs + [states.data.ptr])

@@ -47,7 +47,6 @@ STATE_DTYPES = {
 # Input dtype -> dtype of A, D and dt_bias.
 WEIGHT_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
 INDEX_DTYPES = ("int32", "int64")
-ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 # Mirrors of SsuTraits in the kernel: state elements per 16-byte access, rows per lane group.
 VEC_ELEMS = {"float32": 4, "float16": 8, "bfloat16": 8, "float64": 2}
 
@@ -62,7 +61,7 @@ def rows_per_group(state_dtype: str, tie: bool) -> int:
 BLOCKS = (128, 64, 32)
 
 ARG_NAMES = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices", "out")
-# Arguments whose 16-byte alignment decides a vectorized access (part of the layout key).
+# Arguments that may get vectorized (8/16-byte) accesses: state, A, B, C.
 _ALIGN_ARGS = (0, 3, 4, 5)
 
 PARAMS = Params("ssm::SelectiveStateUpdateParams", [

@@ -1,0 +1,55 @@
+"""Per-layout launch plans: validate a call's layout once, then launch with pointers only.
+
+A call's *layout* is everything validation and the launch configuration depend on: each
+array's shape, strides, dtype, device and 16-byte alignment, plus the flags. The first call of a
+layout validates and builds a plan; later calls with an equal layout key skip straight to the
+launch. Any argument that is not a ``cupy.ndarray`` takes the full (validating) path.
+"""
+from __future__ import annotations
+
+_cupy_ndarray = None
+
+
+def _ndarray_type():
+    global _cupy_ndarray
+    if _cupy_ndarray is None:
+        import cupy
+
+        _cupy_ndarray = cupy.ndarray
+    return _cupy_ndarray
+
+
+def layout_key(arrays, flags: tuple):
+    """(key, ptrs) for CuPy arrays (None entries allowed), or (None, None) if any argument is
+    not a cupy.ndarray. About 0.7 us per array."""
+    nd = _cupy_ndarray or _ndarray_type()
+    key = list(flags)
+    ptrs = []
+    add_key, add_ptr = key.append, ptrs.append
+    for a in arrays:
+        if a is None:
+            add_key(None)
+            add_ptr(0)
+            continue
+        if type(a) is not nd:
+            return None, None
+        mem = a.data
+        p = mem.ptr
+        add_ptr(p)
+        add_key((a.shape, a.strides, a.dtype, mem.device_id, p & 15))
+    return tuple(key), ptrs
+
+
+class PlanCache(dict):
+    """A bounded dict of plans (cleared when full: layouts rarely number more than a handful)."""
+
+    def __init__(self, max_size: int = 256):
+        super().__init__()
+        self.max_size = max_size
+
+    def put(self, key, plan):
+        if key is None:
+            return
+        if len(self) >= self.max_size:
+            self.clear()
+        self[key] = plan
