@@ -187,7 +187,7 @@ def test_mixed_array_types_rejected():
 
 def test_kernel_choice_is_one_function():
     cfg = op.kernel_config("bfloat16", "float32", True, True)
-    assert op.fwd_ref(cfg).name == "ssm::selective_scan_fwd<ssm::bf16, float, true, true, 8>"
+    assert op.fwd_ref(cfg).name == "ssm::selective_scan_fwd<ssm::bf16, float, true, true, 16>"
     assert len(op.variants()) == 64
     # the layout the host sizes must match the kernel's constants
     assert op.SAVE_EVERY == 32 * op.BWD_ITEMS
