@@ -150,6 +150,8 @@ constexpr int kConvCLBwdIters = 8;
 // Decode update: one thread per (b, d).
 constexpr int kConvUpdateThreads = 128;
 constexpr int kConvReduceThreads = 256;
+static_assert(kConvCFBwdIters >= 1 && kConvCLBwdIters >= 1 && kConvMaxWidth == 8 && kConvUpdateThreads % 32 == 0 &&
+              kConvReduceThreads % 32 == 0, "launch constants (mirrored in ssmkit/ops/causal_conv1d.py)");
 
 template <typename T> struct ConvTraits {
     // Channel-first forward: 32 bytes per lane for 2- and 4-byte types (two 16-byte loads in
@@ -373,6 +375,26 @@ __device__ __forceinline__ A conv_dx(const A* w, const A* dp, const int* ss, int
     return acc;
 }
 
+// The W-1 inputs before a warp's first step (times t0-kH .. t0-1; initial_states or zeros and
+// seq_idx[b, 0] at negative time), loaded by the edge lane before the shuffles so that their
+// latency overlaps the main loads instead of following them.
+template <int kH, bool kSeq, typename A, typename T>
+__device__ __forceinline__ void conv_load_prev_halo(A* hx, int* hs, const T* x, int64_t x_l, const T* init,
+                                                    int64_t init_k, bool has_init, const int32_t* seq,
+                                                    int64_t seq_l, int64_t t0) {
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+        const int64_t t = t0 - kH + j;
+        if (t >= 0) {
+            hx[j] = A(conv_val(x[t * x_l]));
+            if (kSeq) hs[j] = seq[t * seq_l];
+        } else {
+            hx[j] = has_init ? A(conv_val(init[(kH + t) * init_k])) : A(0);
+            if (kSeq) hs[j] = seq[0];
+        }
+    }
+}
+
 // ============================================================================================
 // Forward, channel-first
 // ============================================================================================
@@ -401,6 +423,16 @@ causal_conv1d_fwd_cf(const ConvFwdParams p) {
     int sv[kH + kItems];   // their seq ids (kSeq only)
     conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, p.x_vec && conv_aligned<16>(x));
     if (kSeq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec && conv_aligned<16>(seq));
+    A hx[kH];
+    int hs[kH];
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+        hx[j] = A(0);
+        hs[j] = 0;
+    }
+    if (lane == 0)  // lane 0's t0 is the segment start, < L
+        conv_load_prev_halo<kH, kSeq>(hx, hs, x, p.x_l, (const T*)p.initial_states + b * p.init_b + d * p.init_d,
+                                      p.init_k, p.initial_states != nullptr, seq, p.seq_l, t0);
 
     A w[kW];
 #pragma unroll
@@ -409,21 +441,11 @@ causal_conv1d_fwd_cf(const ConvFwdParams p) {
 
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
-        xv[j] = conv_shfl_up(xv[kItems + j]);
-        if (kSeq) sv[j] = conv_shfl_up(sv[kItems + j]);
-    }
-    if (lane == 0) {  // lane 0's t0 is the segment start, < L
-        const T* init = (const T*)p.initial_states + b * p.init_b + d * p.init_d;
-#pragma unroll
-        for (int j = 0; j < kH; ++j) {
-            const int64_t t = t0 - kH + j;
-            if (t >= 0) {
-                xv[j] = A(conv_val(x[t * p.x_l]));
-                if (kSeq) sv[j] = seq[t * p.seq_l];
-            } else {
-                xv[j] = p.initial_states ? A(conv_val(init[(kH + t) * p.init_k])) : A(0);
-                if (kSeq) sv[j] = seq[0];
-            }
+        const A v = conv_shfl_up(xv[kItems + j]);
+        xv[j] = lane == 0 ? hx[j] : v;
+        if (kSeq) {
+            const int sj = conv_shfl_up(sv[kItems + j]);
+            sv[j] = lane == 0 ? hs[j] : sj;
         }
     }
 
@@ -645,37 +667,41 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
         conv_load_row<kItems>(xv + kH, x, t0, L, p.x_l, xvec);
         conv_load_row<kItems>(gv, dout, t0, L, p.dout_l, gvec);
         if (kSeq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, svec);
+        // edge lanes: the previous lane's steps (lane 0) and the next lane's (lane 31)
+        A hx[kH], nx[kH], ng[kH];
+        int hs[kH], ns[kH];
 #pragma unroll
         for (int j = 0; j < kH; ++j) {
-            xv[j] = conv_shfl_up(xv[kItems + j]);
-            xv[kH + kItems + j] = conv_shfl_down(xv[kH + j]);
-            gv[kItems + j] = conv_shfl_down(gv[j]);
-            if (kSeq) {
-                sv[j] = conv_shfl_up(sv[kItems + j]);
-                sv[kH + kItems + j] = conv_shfl_down(sv[kH + j]);
-            }
+            hx[j] = nx[j] = ng[j] = A(0);
+            hs[j] = ns[j] = 0;
         }
-        if (lane == 0) {
-#pragma unroll
-            for (int j = 0; j < kH; ++j) {
-                const int64_t t = t0 - kH + j;
-                if (t >= 0) {
-                    xv[j] = A(conv_val(x[t * p.x_l]));
-                    if (kSeq) sv[j] = seq[t * p.seq_l];
-                } else {
-                    xv[j] = p.initial_states ? A(conv_val(init[(kH + t) * p.init_k])) : A(0);
-                    if (kSeq) sv[j] = seq[0];
-                }
-            }
-        }
+        if (lane == 0)
+            conv_load_prev_halo<kH, kSeq>(hx, hs, x, p.x_l, init, p.init_k, p.initial_states != nullptr, seq,
+                                          p.seq_l, t0);
         if (lane == 31) {
 #pragma unroll
             for (int j = 0; j < kH; ++j) {
                 const int64_t t = t0 + kItems + j;
-                const bool in = t < L;
-                xv[kH + kItems + j] = in ? A(conv_val(x[t * p.x_l])) : A(0);
-                gv[kItems + j] = in ? A(conv_val(dout[t * p.dout_l])) : A(0);
-                if (kSeq) sv[kH + kItems + j] = in ? seq[t * p.seq_l] : 0;
+                if (t < L) {
+                    nx[j] = A(conv_val(x[t * p.x_l]));
+                    ng[j] = A(conv_val(dout[t * p.dout_l]));
+                    if (kSeq) ns[j] = seq[t * p.seq_l];
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < kH; ++j) {
+            const A up = conv_shfl_up(xv[kItems + j]);
+            const A dn = conv_shfl_down(xv[kH + j]);
+            const A gd = conv_shfl_down(gv[j]);
+            xv[j] = lane == 0 ? hx[j] : up;
+            xv[kH + kItems + j] = lane == 31 ? nx[j] : dn;
+            gv[kItems + j] = lane == 31 ? ng[j] : gd;
+            if (kSeq) {
+                const int su = conv_shfl_up(sv[kItems + j]);
+                const int sd = conv_shfl_down(sv[kH + j]);
+                sv[j] = lane == 0 ? hs[j] : su;
+                sv[kH + kItems + j] = lane == 31 ? ns[j] : sd;
             }
         }
 

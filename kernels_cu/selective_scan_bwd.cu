@@ -141,7 +141,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
     const typename VarBC<In, W>::type* bp = w.Bg + (kVarB ? 0 : 0);
     const typename VarBC<In, W>::type* cp = w.Cg;
     for (int64_t n = 0; n < N; ++n, bp += p.B_n, cp += p.C_n) {
-        S dBt[T], dCt[T];   // this warp's dB/dC contributions for (n, its steps)
+        S dh[T], h[T];      // the adjoint and the state at this warp's steps, for dB/dC
         if (active) {
             const S Araw = w.A[n * p.A_n];
             const S A2 = prescale(Araw);
@@ -159,7 +159,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
                 for (int i = 0; i < T; ++i) Cv[i] = cc;
             }
             // 1. forward replay from the chunk's start state
-            S dA[T], h[T];
+            S dA[T];
             S bt = S(0);
 #pragma unroll
             for (int i = 0; i < T; ++i) {
@@ -191,28 +191,26 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
             S dA_sum = S(0);
 #pragma unroll
             for (int i = T - 1; i >= 0; --i) {
-                const S dh = readout_grad(Cv[i], dy[i]) + X;
+                dh[i] = readout_grad(Cv[i], dy[i]) + X;
                 const S hp = i > 0 ? h[i - 1] : h_in;
-                const S Ga = dh * conj(hp);
-                ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh * conj(Bv[i] * u[i]));
+                const S Ga = dh[i] * conj(hp);
+                ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh[i] * conj(Bv[i] * u[i]));
                 dA_sum += Ga * conj(dA[i]) * dl[i];
-                du[i] += re_part(dh * conj(Bv[i] * dl[i]));
-                dBt[i] = dh * (dl[i] * u[i]);
-                dCt[i] = conj_times(dy[i], h[i]);
-                X = conj(dA[i]) * dh;
+                du[i] += re_part(dh[i] * conj(Bv[i] * dl[i]));
+                X = conj(dA[i]) * dh[i];
             }
             dA_sum = warp_sum(dA_sum);
             if (!kVarB) {
                 S s = S(0);
 #pragma unroll
-                for (int i = 0; i < T; ++i) s += dBt[i];
+                for (int i = 0; i < T; ++i) s += dh[i] * (dl[i] * u[i]);
                 s = warp_sum(s);
                 if (lane == 0) w.dBc_acc[n] = w.dBc_acc[n] + s;
             }
             if (!kVarC) {
                 S s = S(0);
 #pragma unroll
-                for (int i = 0; i < T; ++i) s += dCt[i];
+                for (int i = 0; i < T; ++i) s += conj_times(dy[i], h[i]);
                 s = warp_sum(s);
                 if (lane == 0) w.dCc_acc[n] = w.dCc_acc[n] + s;
             }
@@ -221,20 +219,32 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
             __syncwarp();
         } else {
 #pragma unroll
-            for (int i = 0; i < T; ++i) { dBt[i] = S(0); dCt[i] = S(0); }
+            for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
         }
         if (kVarB || kVarC) {
             // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
             // then each thread sums the warps for its steps. Slices are double buffered by
-            // state parity, so one barrier per state suffices.
-            S* sl = w.slices + w.par * 2 * warps * kBwdChunk;
+            // state parity, so one barrier per state suffices. Each lane's 8 values go out as
+            // 16-byte stores into a row padded by 16 bytes per lane (TileLayout): conflict-free.
+            // (Scalar stores at a lane stride of 8 words were 8-way bank conflicts: the
+            // variable-B/C backward took 2.0 ms against 1.0 ms for constant B/C.)
+            typedef TileLayout<S, T> Slice;
+            S* sl = w.slices + w.par * 2 * warps * Slice::kRow;
             if (kVarB) {
+                Vec<S, T> v;
 #pragma unroll
-                for (int i = 0; i < T; ++i) sl[warp * kBwdChunk + lane * T + i] = dBt[i];
+                for (int i = 0; i < T; ++i) v.e[i] = dh[i] * (dl[i] * u[i]);
+                uint4* dst = (uint4*)(sl + warp * Slice::kRow + lane * Slice::kSeg);
+#pragma unroll
+                for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
             }
             if (kVarC) {
+                Vec<S, T> v;
 #pragma unroll
-                for (int i = 0; i < T; ++i) sl[(warps + warp) * kBwdChunk + lane * T + i] = dCt[i];
+                for (int i = 0; i < T; ++i) v.e[i] = conj_times(dy[i], h[i]);
+                uint4* dst = (uint4*)(sl + (warps + warp) * Slice::kRow + lane * Slice::kSeg);
+#pragma unroll
+                for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
             }
             __syncthreads();
             for (int e = tid; e < 2 * kBwdChunk; e += nthreads) {
@@ -242,8 +252,10 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
                 if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
                 const int64_t tt = c0 + t;
                 if (!kFast && tt >= L) continue;
+                const S* src = sl + which * warps * Slice::kRow + Slice::index(0, t);
                 S acc = S(0);
-                for (int ww = 0; ww < warps; ++ww) acc += sl[(which * warps + ww) * kBwdChunk + t];
+#pragma unroll 4
+                for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
                 S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part);
                 dst[(w.part_row + n) * L + tt] = acc;
             }

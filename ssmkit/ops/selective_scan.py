@@ -82,7 +82,7 @@ def bwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     """Bytes of dynamic shared memory, mirroring the layout in selective_scan_bwd.cu."""
     s = _ITEMSIZE[cfg.w_dtype]
     n_var = int(cfg.var_b) + int(cfg.var_c)
-    slices = (2 * 2 * warps * 32 * BWD_ITEMS * s) if n_var else 0
+    slices = (2 * 2 * warps * 32 * (BWD_ITEMS + 16 // s) * s) if n_var else 0   # padded rows
     per_warp = warps * N * s * (2 + (not cfg.var_b) + (not cfg.var_c))
     return slices + per_warp
 
