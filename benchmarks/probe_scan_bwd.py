@@ -31,6 +31,13 @@ def bwd_kernel_only(args, kw):
 
 def main():
     B, D, L = 8, 1536, 2048
+    for warps in (8, 16):
+        op.WARPS_PER_BLOCK_BWD = warps
+        op._BWD_PLANS.clear()
+        args, kw, _ = make(B, D, L, 16, "bf16", True)
+        k, f = bwd_kernel_only(args, kw)
+        print(f"bwd bf16 N=16 full, {warps} warps/block: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)
+    op._BWD_PLANS.clear()
     for dtype in ("bf16",):
         for N, full in ((16, True), (16, False), (1, False)):
             args, kw, _ = make(B, D, L, N, dtype, full)

@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     BwdWarp<In, W> w;
     w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = w.slices + (n_var ? 2 * 2 * warps * kBwdChunk : 0);
+    S* per_warp = w.slices + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // slices: padded rows
     w.dX = per_warp + warp * N;                                     // adjoint carry per state
     w.dA_acc = per_warp + (warps + warp) * N;
     w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
