@@ -998,13 +998,8 @@ causal_conv1d_update(const ConvUpdateParams p) {
     const int64_t n = p.new_len;
     const T* x = (const T*)p.x + b * p.x_b + d * p.x_d;
     T* out = (T*)p.out + b * p.out_b + d * p.out_d;
+    // Loads that do not depend on the pool row first, so that they overlap the index load.
     const int64_t row = p.state_indices ? (int64_t)p.state_indices[b * p.idx_s] : b;
-    if (row < 0) {  // padding row: state untouched, output zeros
-        for (int64_t t = 0; t < n; ++t) out[t * p.out_l] = Convert<T>::from(A(0));
-        return;
-    }
-    TS* st = (TS*)p.conv_state + row * p.st_b + d * p.st_d;
-
     // wr[m]: weight of the input m - (kM-1) steps before the current token (right-aligned).
     A wr[kM], win[kM - 1];
 #pragma unroll
@@ -1014,6 +1009,13 @@ causal_conv1d_update(const ConvUpdateParams p) {
     }
     const A bias = p.bias ? A(conv_val(((const TW*)p.bias)[d * p.bias_s])) : A(0);
     const int64_t start = p.cache_seqlens ? (int64_t)p.cache_seqlens[b * p.csl_s] : 0;
+    const A x0 = A(conv_val(x[0]));
+    if (row < 0) {  // padding row: state untouched, output zeros
+        for (int64_t t = 0; t < n; ++t) out[t * p.out_l] = Convert<T>::from(A(0));
+        return;
+    }
+    TS* st = (TS*)p.conv_state + row * p.st_b + d * p.st_d;
+
 #pragma unroll
     for (int m = 0; m < kM - 1; ++m) {
         const int j = kM - 1 - m;  // steps back
@@ -1025,7 +1027,7 @@ causal_conv1d_update(const ConvUpdateParams p) {
         win[m] = v;
     }
     for (int64_t t = 0; t < n; ++t) {
-        const A xt = A(conv_val(x[t * p.x_l]));
+        const A xt = t == 0 ? x0 : A(conv_val(x[t * p.x_l]));
         A acc = conv_fma(wr[kM - 1], xt, bias);
 #pragma unroll
         for (int m = 0; m < kM - 1; ++m)

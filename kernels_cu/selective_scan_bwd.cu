@@ -19,6 +19,10 @@
 
 namespace ssm {
 
+#ifndef SSMKIT_BWD_PREFETCH
+#define SSMKIT_BWD_PREFETCH 1
+#endif
+constexpr bool kBwdPrefetch = SSMKIT_BWD_PREFETCH;   // see bwd_chunk
 constexpr int kBwdItems = 8;                 // 32 x 8 = 256 = the forward's save spacing
 constexpr int kBwdChunk = 32 * kBwdItems;
 // Real fp32 state: blocks of up to 16 warps (half the dB/dC partials of 8), one per SM, so
@@ -70,17 +74,14 @@ __device__ __forceinline__ void bstore(T* row, int64_t stride, int64_t t0, int64
         store_seg(row, stride, t0, L, in);
     }
 }
-template <bool kFast, typename T, typename S, int kN>
-__device__ __forceinline__ void bload_bc(const T* row, int64_t stride, int64_t t0, int64_t L, S (&out)[kN]) {
-    Vec<T, kN> v;
+template <bool kFast, typename T, int kN>
+__device__ __forceinline__ void bload_raw(const T* row, int64_t stride, int64_t t0, int64_t L, Vec<T, kN>& v) {
     if (kFast) {
 #pragma unroll
         for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
     } else {
         load_raw(row, stride, t0, L, v);
     }
-#pragma unroll
-    for (int i = 0; i < kN; ++i) out[i] = Ld<S>::from(v.e[i]);
 }
 
 // A warp's channel and its shared-memory slots, set up once.
@@ -138,22 +139,47 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
         ddl[i] = R(0);
         w.dD_lane += dy[i] * u[i];
     }
-    const typename VarBC<In, W>::type* bp = w.Bg + (kVarB ? 0 : 0);
-    const typename VarBC<In, W>::type* cp = w.Cg;
-    for (int64_t n = 0; n < N; ++n, bp += p.B_n, cp += p.C_n) {
+    typedef typename VarBC<In, W>::type BCs;
+    // Variable B/C rows of state n+1 load while state n computes: the warps of a block meet at
+    // a barrier every state, so an unhidden L2 round trip per state would stall them all.
+    const BCs* bp = w.Bg;
+    const BCs* cp = w.Cg;
+    Vec<BCs, T> nb, nc;
+    if (active) {
+        if (kVarB) bload_raw<kFast>(bp, p.B_l, t0, L, nb);
+        if (kVarC) bload_raw<kFast>(cp, p.C_l, t0, L, nc);
+    }
+    for (int64_t n = 0; n < N; ++n) {
         S dh[T], h[T];      // the adjoint and the state at this warp's steps, for dB/dC
+        if (!kBwdPrefetch && active && n > 0) {
+            bp += p.B_n;
+            cp += p.C_n;
+            if (kVarB) bload_raw<kFast>(bp, p.B_l, t0, L, nb);
+            if (kVarC) bload_raw<kFast>(cp, p.C_l, t0, L, nc);
+        }
+        const Vec<BCs, T> vb = nb, vc = nc;
+        if (kBwdPrefetch && active && n + 1 < N) {
+            bp += p.B_n;
+            cp += p.C_n;
+            if (kVarB) bload_raw<kFast>(bp, p.B_l, t0, L, nb);
+            if (kVarC) bload_raw<kFast>(cp, p.C_l, t0, L, nc);
+        }
         if (active) {
             const S Araw = w.A[n * p.A_n];
             const S A2 = prescale(Araw);
             S Bv[T], Cv[T];
-            if (kVarB) bload_bc<kFast>(bp, p.B_l, t0, L, Bv);
-            else {
+            if (kVarB) {
+#pragma unroll
+                for (int i = 0; i < T; ++i) Bv[i] = Ld<S>::from(vb.e[i]);
+            } else {
                 const S b = w.Bc[n * p.B_n];
 #pragma unroll
                 for (int i = 0; i < T; ++i) Bv[i] = b;
             }
-            if (kVarC) bload_bc<kFast>(cp, p.C_l, t0, L, Cv);
-            else {
+            if (kVarC) {
+#pragma unroll
+                for (int i = 0; i < T; ++i) Cv[i] = Ld<S>::from(vc.e[i]);
+            } else {
                 const S cc = w.Cc[n * p.C_n];
 #pragma unroll
                 for (int i = 0; i < T; ++i) Cv[i] = cc;

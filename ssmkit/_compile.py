@@ -62,8 +62,12 @@ def read_source(file: str) -> str:
 
 
 def compile_options() -> tuple[str, ...]:
-    """Options for NVRTC, the architecture excepted (CuPy adds it; the offline check names it)."""
-    return BASE_OPTIONS + (f"-I{kernels_dir()}", f"-DSSMKIT_SOURCES_HASH=0x{sources_hash()}ull")
+    """Options for NVRTC, the architecture excepted (CuPy adds it; the offline check names it).
+
+    ``SSMKIT_NVRTC_OPTIONS`` (space-separated) appends options, for tuning experiments
+    (e.g. ``-DSSMKIT_BWD_PREFETCH=0``); they enter CuPy's cache key like any option."""
+    extra = tuple(os.environ.get("SSMKIT_NVRTC_OPTIONS", "").split())
+    return BASE_OPTIONS + (f"-I{kernels_dir()}", f"-DSSMKIT_SOURCES_HASH=0x{sources_hash()}ull") + extra
 
 
 _kernels: dict[tuple[int, str, str], object] = {}
