@@ -452,10 +452,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
                                        "initial_states": initial_states, "out": out})
         x, weight, bias, seq_idx, initial_states, out = (
             arr[k] for k in ("x", "weight", "bias", "seq_idx", "initial_states", "out"))
-        spec = validate(x, weight, bias, activation, seq_idx, initial_states)
-        if out is not None:
-            check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
         if backend != CUPY:
+            spec = validate(x, weight, bias, activation, seq_idx, initial_states)
+            if out is not None:
+                check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
             from ..reference import causal_conv1d as ref
 
             res = ref(x, weight, bias=bias, activation=activation, seq_idx=seq_idx,
@@ -466,10 +466,15 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
                 res = (out, res[1]) if return_final_states else out
             return res
         _note_cupy()
-        plan = _FwdPlan(spec, x, weight, bias, seq_idx, initial_states, out, return_final_states)
         key = (_sig(x), _sig(weight), _sig(bias), _sig(seq_idx), _sig(initial_states), _sig(out),
                activation, return_final_states, _current_device())
-        _remember(_FWD_PLANS, key, plan)
+        plan = _FWD_PLANS.get(key)
+        if plan is None:   # first call with this signature (or arrays converted from DLPack)
+            spec = validate(x, weight, bias, activation, seq_idx, initial_states)
+            if out is not None:
+                check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
+            plan = _FwdPlan(spec, x, weight, bias, seq_idx, initial_states, out, return_final_states)
+            _remember(_FWD_PLANS, key, plan)
     return plan(x, weight, bias, seq_idx, initial_states, out)
 
 
@@ -582,21 +587,25 @@ def causal_conv1d_bwd(x, weight, bias, dout, activation=None, seq_idx=None, init
                                            "dfinal_states": dfinal_states})
         x, weight, bias, dout, seq_idx, initial_states, dfinal_states = (
             arr[k] for k in ("x", "weight", "bias", "dout", "seq_idx", "initial_states", "dfinal_states"))
-        spec = validate(x, weight, bias, activation, seq_idx, initial_states, op=OP_BWD)
-        check_array(OP_BWD, "dout", dout, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
-        if dfinal_states is not None:
-            check_array(OP_BWD, "dfinal_states", dfinal_states, (spec.batch, spec.dim, spec.width - 1),
-                        dtypes=(spec.dtype,))
-        if backend != CUPY:
-            from ..reference import causal_conv1d_bwd as ref
+        key = None
+        if backend == CUPY:
+            _note_cupy()
+            key = (_sig(x), _sig(weight), _sig(bias), _sig(dout), _sig(seq_idx), _sig(initial_states),
+                   _sig(dfinal_states), activation, _current_device())
+            plan = _BWD_PLANS.get(key)
+        if plan is None:
+            spec = validate(x, weight, bias, activation, seq_idx, initial_states, op=OP_BWD)
+            check_array(OP_BWD, "dout", dout, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
+            if dfinal_states is not None:
+                check_array(OP_BWD, "dfinal_states", dfinal_states, (spec.batch, spec.dim, spec.width - 1),
+                            dtypes=(spec.dtype,))
+            if backend != CUPY:
+                from ..reference import causal_conv1d_bwd as ref
 
-            return ref(x, weight, bias, dout, activation=activation, seq_idx=seq_idx,
-                       initial_states=initial_states, dfinal_states=dfinal_states)
-        _note_cupy()
-        plan = _BwdPlan(spec, x, weight, bias, dout, seq_idx, initial_states, dfinal_states)
-        key = (_sig(x), _sig(weight), _sig(bias), _sig(dout), _sig(seq_idx), _sig(initial_states),
-               _sig(dfinal_states), activation, _current_device())
-        _remember(_BWD_PLANS, key, plan)
+                return ref(x, weight, bias, dout, activation=activation, seq_idx=seq_idx,
+                           initial_states=initial_states, dfinal_states=dfinal_states)
+            plan = _BwdPlan(spec, x, weight, bias, dout, seq_idx, initial_states, dfinal_states)
+            _remember(_BWD_PLANS, key, plan)
     return plan(x, weight, bias, dout, seq_idx, initial_states, dfinal_states)
 
 
@@ -687,10 +696,12 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
                 return out
             return res
         _note_cupy()
-        plan = _UpdatePlan(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices, out)
         key = (_sig(x), _sig(conv_state), _sig(weight), _sig(bias), activation, _sig(cache_seqlens),
                _sig(conv_state_indices), _sig(out), _current_device())
-        _remember(_UPDATE_PLANS, key, plan)
+        plan = _UPDATE_PLANS.get(key)
+        if plan is None:
+            plan = _UpdatePlan(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices, out)
+            _remember(_UPDATE_PLANS, key, plan)
     return plan(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out)
 
 
