@@ -10,12 +10,19 @@ from __future__ import annotations
 _cupy_ndarray = None
 
 
+class _NoCupy:  # stands in for cupy.ndarray where CuPy is not installed: nothing matches it
+    pass
+
+
 def _ndarray_type():
     global _cupy_ndarray
     if _cupy_ndarray is None:
-        import cupy
+        try:
+            import cupy
 
-        _cupy_ndarray = cupy.ndarray
+            _cupy_ndarray = cupy.ndarray
+        except ImportError:
+            _cupy_ndarray = _NoCupy
     return _cupy_ndarray
 
 

@@ -157,6 +157,18 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return _impl.ssu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
+def _autocast_dtype(device_type: str):
+    """The autocast dtype for ``device_type`` when autocast is on there, else None."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: CUDA-only query functions
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        return None
+
+
 def _rms_norm(x, weight, eps):
     """RMSNorm over the last axis in fp32, cast back to x's dtype (upstream's B/C/dt norms)."""
     xf = x.float()
@@ -182,9 +194,8 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     batch = xz.shape[0]
     delta_rank = delta_proj_weight.shape[1]
     d_state = A.shape[-1] * (2 if A.is_complex() else 1)
-    dev_type = xz.device.type
-    if torch.is_autocast_enabled(dev_type):
-        dt = torch.get_autocast_dtype(dev_type)
+    dt = _autocast_dtype(xz.device.type)
+    if dt is not None:               # as upstream: weights in the autocast dtype
         x_proj_weight = x_proj_weight.to(dt)
         delta_proj_weight = delta_proj_weight.to(dt)
         out_proj_weight = out_proj_weight.to(dt)

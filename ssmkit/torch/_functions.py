@@ -7,6 +7,7 @@ saved only when some input needs a gradient, and every differentiable input gets
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _impl
 
@@ -28,6 +29,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         return out, last
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
         if dout is None:
@@ -50,6 +52,7 @@ class LinearScanFunction(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh):
         a, b, initial, h = ctx.saved_tensors
         da, db, dinit = _impl.ls_backward(a, b, dh, initial, ctx.reverse, h)
@@ -70,6 +73,7 @@ class CausalConv1dFunction(torch.autograd.Function):
         return out, final
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dfinal):
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         if dout is None:

@@ -22,8 +22,8 @@ try:
 except ImportError:  # pragma: no cover - a build without the conv op: the reference path only
     _conv_mod = None
 
-from ._bridge import (check_tensors, from_numpy, gpu_context, has_bf16, np_view, shadows, to_torch,
-                      view, _torch_device)
+from ._bridge import (device_of, from_numpy, gpu_context, has_bf16, np_view, shadows, to_torch, view,
+                      views, _torch_device)
 
 SS_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 SS_OP = "selective_scan_fn"
@@ -61,13 +61,13 @@ def ss_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplu
     ``save``: keep what the backward needs (``ssmkit.ScanSaved``). last_state is returned when
     ``want_last`` (always computed when ``save``)."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    idx = check_tensors(SS_OP, SS_NAMES, args)
+    idx = device_of(SS_OP, SS_NAMES, args)
     if idx >= 0:
         out = torch.empty(u.shape, dtype=u.dtype, device=_torch_device(idx))
         with gpu_context(idx):
-            v = [view(t, n) for t, n in zip(args, SS_NAMES)]
+            v = views(SS_OP, idx, SS_NAMES, args)
             kw = dict(D=v[5], z=v[6], delta_bias=v[7], delta_softplus=delta_softplus, initial_state=v[8],
-                      out=view(out, "out"))
+                      out=view(out, "out", idx))
             if save:
                 _, last, saved = ssmkit.selective_scan_fwd(*v[:5], **kw)
                 return out, (to_torch(last) if want_last else None), saved
@@ -118,15 +118,16 @@ def ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state), None where the
     input is None. ``saved``: the ScanSaved of the forward, or its states tensor (custom ops)."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    idx = check_tensors(SS_OP, SS_NAMES + ("dout", "dlast_state"), args + (dout, dlast_state))
+    names = SS_NAMES + ("dout", "dlast_state")
+    idx = device_of(SS_OP, names, args + (dout, dlast_state))
     if idx >= 0:
         with gpu_context(idx):
-            v = [view(t, n) for t, n in zip(args, SS_NAMES)]
+            v = views(SS_OP, idx, names, args + (dout, dlast_state))
             if isinstance(saved, torch.Tensor):      # custom-op path: rebuild the ScanSaved
-                saved = ssmkit.ScanSaved(view(saved, "saved"), _scan_spec(v, args, delta_softplus))
-            grads = ssmkit.selective_scan_bwd(view(dout, "dout"), *v[:5], D=v[5], z=v[6], delta_bias=v[7],
+                saved = ssmkit.ScanSaved(view(saved, "saved", idx), _scan_spec(v, args, delta_softplus))
+            grads = ssmkit.selective_scan_bwd(v[9], *v[:5], D=v[5], z=v[6], delta_bias=v[7],
                                               delta_softplus=delta_softplus, initial_state=v[8], saved=saved,
-                                              dlast_state=view(dlast_state, "dlast_state"))
+                                              dlast_state=v[10])
             return tuple(to_torch(g) for g in grads)
     if has_bf16(args + (dout,)):
         _ss_mod.validate(*shadows(args[:7]), shadows((delta_bias,))[0], delta_softplus,
@@ -145,10 +146,11 @@ LS_NAMES = ("a", "b", "initial")
 
 def ls_forward(a, b, initial, reverse: bool):
     args = (a, b, initial)
-    idx = check_tensors("linear_scan", LS_NAMES, args)
+    idx = device_of("linear_scan", LS_NAMES, args)
     if idx >= 0:
         with gpu_context(idx):
-            h = ssmkit.linear_scan(view(a, "a"), view(b, "b"), view(initial, "initial"), reverse=reverse)
+            v = views("linear_scan", idx, LS_NAMES, args)
+            h = ssmkit.linear_scan(v[0], v[1], v[2], reverse=reverse)
             return _contig(to_torch(h))
     if has_bf16(args):
         _ls_mod.validate(*shadows(args), reverse)
@@ -158,11 +160,12 @@ def ls_forward(a, b, initial, reverse: bool):
 def ls_backward(a, b, dh, initial, reverse: bool, h=None):
     """(da, db, dinitial); dinitial None when initial is None."""
     args = (a, b, initial)
-    idx = check_tensors("linear_scan", LS_NAMES + ("dh", "h"), args + (dh, h))
+    names = LS_NAMES + ("dh", "h")
+    idx = device_of("linear_scan", names, args + (dh, h))
     if idx >= 0:
         with gpu_context(idx):
-            g = ssmkit.linear_scan_bwd(view(a, "a"), view(b, "b"), view(dh, "dh"), view(initial, "initial"),
-                                       reverse=reverse, h=view(h, "h"))
+            v = views("linear_scan", idx, names, args + (dh, h))
+            g = ssmkit.linear_scan_bwd(v[0], v[1], v[3], v[2], reverse=reverse, h=v[4])
             return tuple(_contig(to_torch(x)) for x in g)
     if has_bf16(args):
         _ls_mod.validate(*shadows(args), reverse)
@@ -190,18 +193,18 @@ def _reference(name):
 def conv_forward(x, weight, bias, seq_idx, initial_states, return_final: bool, silu: bool):
     """Returns (out, final_states or None); out has x's strides (as upstream's empty_like(x))."""
     args = (x, weight, bias, seq_idx, initial_states)
-    idx = check_tensors(CONV_OP, CONV_NAMES, args)
+    idx = device_of(CONV_OP, CONV_NAMES, args)
     fn = host("causal_conv1d")
     if idx >= 0:
         if fn is None:
             _missing("causal_conv1d")
         out = torch.empty_like(x)
         with gpu_context(idx):
-            v = [view(t, n) for t, n in zip(args, CONV_NAMES)]
+            v = views(CONV_OP, idx, CONV_NAMES, args)
             kw = dict(activation=_act(silu), seq_idx=v[3], initial_states=v[4],
                       return_final_states=return_final)
             if accepts(fn, "out"):
-                kw["out"] = view(out, "out")
+                kw["out"] = view(out, "out", idx)
             res = fn(v[0], v[1], v[2], **kw)
             o, final = res if return_final else (res, None)
             if "out" not in kw:
@@ -223,15 +226,16 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, return_final: bool, s
 def conv_backward(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, silu: bool):
     """(dx, dweight, dbias, dinitial_states), None for absent bias / initial_states."""
     args = (x, weight, bias, seq_idx, initial_states)
-    idx = check_tensors(CONV_OP, CONV_NAMES + ("dout", "dfinal_states"), args + (dout, dfinal_states))
+    names = CONV_NAMES + ("dout", "dfinal_states")
+    idx = device_of(CONV_OP, names, args + (dout, dfinal_states))
     fn = host("causal_conv1d_bwd")
     if idx >= 0:
         if fn is None:
             _missing("causal_conv1d_bwd")
         with gpu_context(idx):
-            v = [view(t, n) for t, n in zip(args, CONV_NAMES)]
-            g = fn(v[0], v[1], v[2], view(dout, "dout"), activation=_act(silu), seq_idx=v[3],
-                   initial_states=v[4], dfinal_states=view(dfinal_states, "dfinal_states"))
+            v = views(CONV_OP, idx, names, args + (dout, dfinal_states))
+            g = fn(v[0], v[1], v[2], v[5], activation=_act(silu), seq_idx=v[3], initial_states=v[4],
+                   dfinal_states=v[6])
             return tuple(to_torch(t) for t in g)
     if has_bf16(args + (dout,)) and _conv_mod is not None:
         sh = shadows(args)
@@ -250,17 +254,17 @@ UPD_NAMES = ("x", "conv_state", "weight", "bias", "cache_seqlens", "conv_state_i
 def conv_update(x, conv_state, weight, bias, silu: bool, cache_seqlens, conv_state_indices):
     """Decode step: updates ``conv_state`` in place, returns out (x's shape and dtype)."""
     args = (x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
-    idx = check_tensors("causal_conv1d_update", UPD_NAMES, args)
+    idx = device_of("causal_conv1d_update", UPD_NAMES, args)
     fn = host("causal_conv1d_update")
     if idx >= 0:
         if fn is None:
             _missing("causal_conv1d_update")
         out = torch.empty_like(x)
         with gpu_context(idx):
-            v = [view(t, n) for t, n in zip(args, UPD_NAMES)]
+            v = views("causal_conv1d_update", idx, UPD_NAMES, args)
             kw = dict(activation=_act(silu), cache_seqlens=v[4], conv_state_indices=v[5])
             if accepts(fn, "out"):
-                kw["out"] = view(out, "out")
+                kw["out"] = view(out, "out", idx)
             o = fn(v[0], v[1], v[2], v[3], **kw)
             if "out" not in kw:
                 out.copy_(to_torch(o))
@@ -299,13 +303,13 @@ SSU_NAMES = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batc
 def ssu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_batch_indices):
     """One decode step: updates ``state`` in place, returns out (x's shape and dtype)."""
     args = (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
-    idx = check_tensors("selective_state_update", SSU_NAMES, args)
+    idx = device_of("selective_state_update", SSU_NAMES, args)
     if idx >= 0:
         out = torch.empty_like(x)
         with gpu_context(idx):
-            v = [view(t, n) for t, n in zip(args, SSU_NAMES)]
+            v = views("selective_state_update", idx, SSU_NAMES, args)
             ssmkit.selective_state_update(*v[:6], D=v[6], z=v[7], dt_bias=v[8], dt_softplus=dt_softplus,
-                                          state_batch_indices=v[9], out=view(out, "out"))
+                                          state_batch_indices=v[9], out=view(out, "out", idx))
         return out
     if has_bf16(args):
         sh = shadows(args)

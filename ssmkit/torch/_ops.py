@@ -71,7 +71,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save):
     n = A.shape[1]
     out = u.new_empty((batch, dim, seqlen))
     last = A.new_empty((batch, dim, n))
-    if save and u.device.type == "cuda":
+    if save and u.device.type != "cpu":     # CUDA (and meta): the chunk-boundary states
         saved = A.new_empty((batch, dim, (seqlen + SAVE_EVERY - 1) // SAVE_EVERY, n))
     else:
         saved = _empty(A)
