@@ -14,9 +14,11 @@ from benchmarks.common import time_cuda  # noqa: E402
 from ssmkit.ops import selective_scan as op  # noqa: E402
 
 
-def bwd_kernel_only(args, kw):
+def bwd_kernel_only(args, kw, det=False):
+    kw = dict(kw)
     _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
     dout = cupy.ones_like(args["u"])
+    kw["deterministic"] = det
     ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved)
     plan = next(reversed(op._BWD_PLANS.values()))
     captured = {}
@@ -31,15 +33,13 @@ def bwd_kernel_only(args, kw):
 
 def main():
     B, D, L = 8, 1536, 2048
-    for warps in (8,):
-        op.WARPS_PER_BLOCK_BWD = warps
-        op._BWD_PLANS.clear()
-        args, kw, _ = make(B, D, L, 16, "bf16", True)
-        k, f = bwd_kernel_only(args, kw)
-        print(f"bwd bf16 N=16 full, {warps} warps/block: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)
-    op._BWD_PLANS.clear()
+    for det in (True, False):
+        for dtype in ("bf16", "fp32"):
+            args, kw, _ = make(B, D, L, 16, dtype, True)
+            k, f = bwd_kernel_only(args, kw, det)
+            print(f"bwd {dtype} N=16 full deterministic={det}: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)
     for dtype in ("bf16",):
-        for N, full in ((16, True), (16, False), (1, False)):
+        for N, full in ((1, False),):
             args, kw, _ = make(B, D, L, N, dtype, full)
             k, f = bwd_kernel_only(args, kw)
             print(f"bwd {dtype} N={N} full={full}: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)

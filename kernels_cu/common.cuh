@@ -97,6 +97,9 @@ __device__ __forceinline__ float real(float x) { return x; }
 __device__ __forceinline__ double real(double x) { return x; }
 template <typename R> __device__ __forceinline__ R real(complex<R> a) { return a.re; }
 
+template <typename A, typename B> struct IsSame { static constexpr bool value = false; };
+template <typename A> struct IsSame<A, A> { static constexpr bool value = true; };
+
 template <typename T> struct RealOf { typedef T type; };
 template <typename R> struct RealOf<complex<R>> { typedef R type; };
 template <typename T> struct IsComplex { static constexpr bool value = false; };

@@ -28,7 +28,10 @@ constexpr int kBwdChunk = 32 * kBwdItems;
 // Real fp32 state: blocks of up to 16 warps (half the dB/dC partials of 8), one per SM, so
 // registers cap at 128. Complex and fp64 values are twice as wide and spill kilobytes under
 // that cap: up to 8 warps, up to 255 registers. Mirrored by the host (bwd_warps).
-template <typename W> struct BwdMaxThreads { static constexpr int value = 512; };
+#ifndef SSMKIT_BWD_MAX_THREADS
+#define SSMKIT_BWD_MAX_THREADS 512
+#endif
+template <typename W> struct BwdMaxThreads { static constexpr int value = SSMKIT_BWD_MAX_THREADS; };
 template <> struct BwdMaxThreads<double> { static constexpr int value = 256; };
 template <typename R> struct BwdMaxThreads<complex<R>> { static constexpr int value = 256; };
 
@@ -103,7 +106,12 @@ template <typename In, typename W> struct BwdWarp {
     int par;
 };
 
-template <bool kFast, typename In, typename W, bool kVarB, bool kVarC>
+// red.shared.add.f32: the fast path's block accumulator (no return value, no generic address).
+__device__ __forceinline__ void smem_red_add(float* p, float v) {
+    asm volatile("red.shared.add.f32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "f"(v) : "memory");
+}
+
+template <bool kFast, typename In, typename W, bool kVarB, bool kVarC, bool kAtomic>
 __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<In, W>& w, int64_t c,
                                           bool active, int lane, int warp, int warps) {
     typedef W S;
@@ -140,6 +148,16 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
         w.dD_lane += dy[i] * u[i];
     }
     typedef typename VarBC<In, W>::type BCs;
+    // kAtomic: the block sums dB/dC of the whole chunk in a shared accumulator
+    // [which][n][item][lane] (lane-fastest: the red.shared.add of a warp hit distinct banks),
+    // three barriers per chunk instead of one per state; the summation order across warps
+    // varies from run to run (not bitwise reproducible).
+    float* acc = (float*)w.slices;
+    if (kAtomic) {
+        __syncthreads();   // the previous chunk's flush has read the accumulator
+        for (int e = tid; e < 2 * N * kBwdChunk; e += nthreads) acc[e] = 0.f;
+        __syncthreads();
+    }
     // Variable B/C rows of state n+1 load while state n computes: the warps of a block meet at
     // a barrier every state, so an unhidden L2 round trip per state would stall them all.
     const BCs* bp = w.Bg;
@@ -247,7 +265,20 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
 #pragma unroll
             for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
         }
-        if (kVarB || kVarC) {
+        if (kAtomic) {
+            if (active) {
+                if (kVarB) {
+#pragma unroll
+                    for (int i = 0; i < T; ++i)
+                        smem_red_add(acc + ((0 * N + n) * T + i) * 32 + lane, real(dh[i] * (dl[i] * u[i])));
+                }
+                if (kVarC) {
+#pragma unroll
+                    for (int i = 0; i < T; ++i)
+                        smem_red_add(acc + ((1 * N + n) * T + i) * 32 + lane, real(conj_times(dy[i], h[i])));
+                }
+            }
+        } else if (kVarB || kVarC) {
             // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
             // then each thread sums the warps for its steps. Slices are double buffered by
             // state parity, so one barrier per state suffices. Each lane's 8 values go out as
@@ -288,6 +319,20 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
             w.par ^= 1;
         }
     }
+    if (kAtomic) {
+        __syncthreads();
+        for (int e = tid; e < 2 * N * kBwdChunk; e += nthreads) {
+            const int which = (int)(e / (N * kBwdChunk));
+            const int64_t r = e - which * N * kBwdChunk;
+            const int64_t n = r / kBwdChunk;
+            const int t = (int)(r - n * kBwdChunk);
+            if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+            const int64_t tt = c0 + t;
+            if (!kFast && tt >= L) continue;
+            float* dst = (float*)(which == 0 ? p.dB_part : p.dC_part);
+            dst[(w.part_row + n) * L + tt] = acc[((which * N + n) * T + t % T) * 32 + t / T];
+        }
+    }
     if (active) {
         // dz needs the finished y (all states); delta's chain rule needs the raw value.
         if (w.z) {
@@ -310,8 +355,10 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
     }
 }
 
-template <typename In, typename W, bool kVarB, bool kVarC>
+// kAtomic (fp32 state, variable B or C, N <= 32 only; chosen by the host): see bwd_chunk.
+template <typename In, typename W, bool kVarB, bool kVarC, bool kAtomic>
 __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd(const SelectiveScanParams p) {
+    static_assert(!kAtomic || (IsSame<W, float>::value && (kVarB || kVarC)), "atomic path: fp32, variable B/C");
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
@@ -325,7 +372,8 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     BwdWarp<In, W> w;
     w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = w.slices + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // slices: padded rows
+    // slices (padded rows, deterministic path) or the chunk accumulator (kAtomic)
+    S* per_warp = w.slices + (kAtomic ? 2 * N * kBwdChunk : (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0));
     w.dX = per_warp + warp * N;                                     // adjoint carry per state
     w.dA_acc = per_warp + (warps + warp) * N;
     w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
@@ -366,9 +414,9 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     for (int64_t c = n_chunks - 1; c >= 0; --c) {
         // Block-uniform choice (all warps share the chunk): barriers inside stay uniform.
         if (p.vec_ok && (c + 1) * kBwdChunk <= L)
-            bwd_chunk<true, In, W, kVarB, kVarC>(p, w, c, m.active, lane, warp, warps);
+            bwd_chunk<true, In, W, kVarB, kVarC, kAtomic>(p, w, c, m.active, lane, warp, warps);
         else
-            bwd_chunk<false, In, W, kVarB, kVarC>(p, w, c, m.active, lane, warp, warps);
+            bwd_chunk<false, In, W, kVarB, kVarC, kAtomic>(p, w, c, m.active, lane, warp, warps);
     }
     if (m.active) {
         const R dD_w = warp_sum(w.dD_lane), db_w = warp_sum(w.dbias_lane);

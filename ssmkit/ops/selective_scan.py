@@ -45,6 +45,9 @@ def weight_dtypes(in_dtype: str) -> tuple[str, str]:
     return ("float64", "complex128") if in_dtype == "float64" else ("float32", "complex64")
 
 
+ATOMIC_MAX_N = 32      # the backward's shared dB/dC accumulator holds 2 * N * 256 fp32 values
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     in_dtype: str
@@ -69,10 +72,15 @@ def fwd_ref(cfg: KernelConfig) -> KernelRef:
                      f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {cfg.items}>")
 
 
-def bwd_ref(cfg: KernelConfig) -> KernelRef:
+def atomic_ok(cfg: KernelConfig, N: int) -> bool:
+    """Whether the backward's fast (shared-atomic, not bitwise reproducible) path applies."""
+    return cfg.w_dtype == "float32" and (cfg.var_b or cfg.var_c) and N <= ATOMIC_MAX_N
+
+
+def bwd_ref(cfg: KernelConfig, atomic: bool = False) -> KernelRef:
     return KernelRef("selective_scan_bwd.cu",
                      f"ssm::selective_scan_bwd<{_IN_C[cfg.in_dtype]}, {_W_C[cfg.w_dtype]}, "
-                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}>")
+                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {str(atomic).lower()}>")
 
 
 def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
@@ -80,11 +88,14 @@ def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     return warps * N * _ITEMSIZE[cfg.w_dtype]
 
 
-def bwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
+def bwd_smem(cfg: KernelConfig, warps: int, N: int, atomic: bool = False) -> int:
     """Bytes of dynamic shared memory, mirroring the layout in selective_scan_bwd.cu."""
     s = _ITEMSIZE[cfg.w_dtype]
     n_var = int(cfg.var_b) + int(cfg.var_c)
-    slices = (2 * 2 * warps * 32 * (BWD_ITEMS + 16 // s) * s) if n_var else 0   # padded rows
+    if atomic:
+        slices = 2 * N * 32 * BWD_ITEMS * 4                                     # chunk accumulator
+    else:
+        slices = (2 * 2 * warps * 32 * (BWD_ITEMS + 16 // s) * s) if n_var else 0   # padded rows
     per_warp = warps * N * s * (2 + (not cfg.var_b) + (not cfg.var_c))
     return slices + per_warp
 
@@ -104,6 +115,8 @@ def variants(dtype: str | None = None) -> list[KernelRef]:
     out = []
     for cfg in _all_configs(dtype):
         out += [fwd_ref(cfg), bwd_ref(cfg)]
+        if atomic_ok(cfg, 1):
+            out.append(bwd_ref(cfg, atomic=True))
     return out
 
 
@@ -215,16 +228,16 @@ def _bc_strides(X, var):
     return {"b": s[0], "g": s[1], "n": s[2], "l": s[3]}
 
 
-def _launch_shape(spec: SelectiveScanSpec, smem_fn) -> tuple[int, int, int]:
+def _launch_shape(spec: SelectiveScanSpec, smem_fn, **kw) -> tuple[int, int, int]:
     """(warps per block, blocks per group, shared bytes), shrinking the block to fit shared memory."""
     cfg = spec.config
     dpg = spec.dim // spec.groups
     warps = WARPS_PER_BLOCK
     if smem_fn is bwd_smem and spec.w_dtype == "float32":   # BwdMaxThreads in selective_scan_bwd.cu
         warps = WARPS_PER_BLOCK_BWD
-    while warps > 1 and (smem_fn(cfg, warps, spec.dstate) > SMEM_LIMIT or warps >= 2 * dpg):
+    while warps > 1 and (smem_fn(cfg, warps, spec.dstate, **kw) > SMEM_LIMIT or warps >= 2 * dpg):
         warps //= 2
-    smem = smem_fn(cfg, warps, spec.dstate)
+    smem = smem_fn(cfg, warps, spec.dstate, **kw)
     if smem > SMEM_LIMIT:
         raise ValueError(f"{OP}: N = {spec.dstate} needs {smem} bytes of shared memory per block, "
                          f"more than the {SMEM_LIMIT} available")
@@ -420,10 +433,11 @@ class _BwdPlan:
     _OUT_PTRS = ("du", "ddelta", "dz", "dinitial_state", "dA_part", "dB_part", "dC_part", "dD_part",
                  "ddelta_bias_part")
 
-    def __init__(self, spec: SelectiveScanSpec, arrays: dict):
+    def __init__(self, spec: SelectiveScanSpec, arrays: dict, deterministic: bool):
         self.spec = spec
         Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
-        warps, bpg, smem = _launch_shape(spec, bwd_smem)
+        atomic = not deterministic and atomic_ok(spec.config, N)
+        warps, bpg, smem = _launch_shape(spec, bwd_smem, atomic=atomic)
         self.in_dtype = arrays["u"].dtype
         wdt, real_w = spec.w_dtype, weight_dtypes(spec.in_dtype)[0]
         act = (Bsz, Dsz, L)
@@ -453,7 +467,8 @@ class _BwdPlan:
         self.row = PARAMS.row(**f)
         self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states")]
         self.out_index = [PARAMS.index(n) for n in self._OUT_PTRS]
-        self.launch = prepare(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps), shared_mem=smem)
+        self.launch = prepare(bwd_ref(spec.config, atomic), grid=(Bsz * G * bpg,), block=(32, warps),
+                              shared_mem=smem)
 
     def __call__(self, ptrs):
         import cupy
@@ -487,19 +502,25 @@ class _BwdPlan:
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, initial_state=None, saved=None, dlast_state=None):
+                       delta_softplus=False, initial_state=None, saved=None, dlast_state=None,
+                       deterministic=False):
     """Gradients of the selective scan: returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
     dinitial_state), each in the shape and dtype of its input (None where the input was None).
 
     ``saved`` is the ScanSaved from ``selective_scan_fwd`` (required on CuPy inputs);
     ``dlast_state`` (B, D, N) is the gradient flowing into last_state, if any.
-    Deterministic: no floating-point atomics; every sum has a fixed order, so repeated calls
-    are bitwise identical. Temporary memory: variable dB/dC take per-block partials of
-    B * G * ceil(D / G / 16) * N * L * 4 bytes each (fp32), summed on the device.
+    No global floating-point atomics: per-block partial sums of variable dB/dC
+    (B * G * ceil(D / G / 8) * N * L * 4 bytes each, fp32) are folded in a fixed order.
+    By default (fp32 state, variable B or C, N <= 32) each block sums its 8 channels' dB/dC
+    with shared-memory atomics, whose order varies: dB and dC then differ from run to run in
+    the last bits. ``deterministic=True`` sums the channels in a fixed order instead (every
+    output bitwise reproducible) at one block barrier per state and chunk: see
+    benchmarks/NOTES.md for the measured cost. fp64, complex and N > 32 always take it.
     """
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, dout, dlast_state)
     states = getattr(saved, "states", None)
-    key, ptrs = layout_key(args + (states,), (delta_softplus,))
+    check_flag(OP, "deterministic", deterministic)
+    key, ptrs = layout_key(args + (states,), (delta_softplus, deterministic))
     plan = _BWD_PLANS.get(key) if key is not None else None
     if plan is not None and saved.spec == plan.spec:
         return plan(ptrs)
@@ -524,9 +545,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     _check_device(arr)
     plan = _BWD_PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = _BwdPlan(spec, arr)
+        plan = _BwdPlan(spec, arr, deterministic)
         key, ptrs = layout_key(tuple(arr[k] for k in _NAMES + ("dout", "dlast_state")) + (states,),
-                               (delta_softplus,))
+                               (delta_softplus, deterministic))
         _BWD_PLANS.put(key, plan)
     ptrs = [0 if arr[k] is None else arr[k].data.ptr for k in _NAMES + ("dout", "dlast_state")]
     return plan(ptrs + [states.data.ptr])
