@@ -18,7 +18,6 @@ def bwd_kernel_only(args, kw, det=False):
     kw = dict(kw)
     _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
     dout = cupy.ones_like(args["u"])
-    kw["deterministic"] = det
     ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved)
     plan = next(reversed(op._BWD_PLANS.values()))
     captured = {}
@@ -33,7 +32,7 @@ def bwd_kernel_only(args, kw, det=False):
 
 def main():
     B, D, L = 8, 1536, 2048
-    for det in (True, False):
+    for det in (True,):
         for dtype in ("bf16", "fp32"):
             args, kw, _ = make(B, D, L, 16, dtype, True)
             k, f = bwd_kernel_only(args, kw, det)

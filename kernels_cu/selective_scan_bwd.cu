@@ -7,6 +7,7 @@
 //   2. the adjoint dh_t = g_t + conj(a_{t+1}) dh_{t+1}, g_t = dL/dh_t from the readout, as a
 //      reverse warp scan of lane maps X_out = conj(a_lane) X_in + Q_lane, with the carry
 //      X = conj(a_first) dh_first passed to the previous chunk through shared memory;
+//   (dz uses the un-gated output the forward saved, so y is not re-accumulated here)
 //   3. per-element gradients (complex in the PyTorch convention dL/dRe + i dL/dIm):
 //        G_a = dh conj(h_{t-1});  ddelta += Re(G_a conj(A a)) + Re(dh conj(B u));
 //        dA += G_a delta conj(a);  du += Re(dh conj(delta B));  dB += dh delta u;
@@ -19,8 +20,10 @@
 
 namespace ssm {
 
+// Prefetching state n+1's B/C rows measured no faster (1.826 vs 1.830 ms at b8 d1536 l2048
+// n16 bf16) and costs registers: off by default.
 #ifndef SSMKIT_BWD_PREFETCH
-#define SSMKIT_BWD_PREFETCH 1
+#define SSMKIT_BWD_PREFETCH 0
 #endif
 constexpr bool kBwdPrefetch = SSMKIT_BWD_PREFETCH;   // see bwd_chunk
 constexpr int kBwdItems = 8;                 // 32 x 8 = 256 = the forward's save spacing
@@ -28,10 +31,7 @@ constexpr int kBwdChunk = 32 * kBwdItems;
 // Real fp32 state: blocks of up to 16 warps (half the dB/dC partials of 8), one per SM, so
 // registers cap at 128. Complex and fp64 values are twice as wide and spill kilobytes under
 // that cap: up to 8 warps, up to 255 registers. Mirrored by the host (bwd_warps).
-#ifndef SSMKIT_BWD_MAX_THREADS
-#define SSMKIT_BWD_MAX_THREADS 512
-#endif
-template <typename W> struct BwdMaxThreads { static constexpr int value = SSMKIT_BWD_MAX_THREADS; };
+template <typename W> struct BwdMaxThreads { static constexpr int value = 512; };
 template <> struct BwdMaxThreads<double> { static constexpr int value = 256; };
 template <typename R> struct BwdMaxThreads<complex<R>> { static constexpr int value = 256; };
 
@@ -91,7 +91,7 @@ __device__ __forceinline__ void bload_raw(const T* row, int64_t stride, int64_t 
 template <typename In, typename W> struct BwdWarp {
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
-    const In *u, *dl, *z, *dout;
+    const In *u, *dl, *z, *dout, *ysave;
     In *du, *ddl, *dz;
     const W* A;
     const BCs *Bg, *Cg;
@@ -102,18 +102,13 @@ template <typename In, typename W> struct BwdWarp {
     W* slices;
     int64_t part_row;
     R Dv, bias;
-    R dD_lane, dbias_lane;
-    int par;
 };
 
-// red.shared.add.f32: the fast path's block accumulator (no return value, no generic address).
-__device__ __forceinline__ void smem_red_add(float* p, float v) {
-    asm volatile("red.shared.add.f32 [%0], %1;" :: "r"((unsigned)__cvta_generic_to_shared(p)), "f"(v) : "memory");
-}
-
-template <bool kFast, typename In, typename W, bool kVarB, bool kVarC, bool kAtomic>
-__device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<In, W>& w, int64_t c,
-                                          bool active, int lane, int warp, int warps) {
+template <bool kFast, typename In, typename W, bool kVarB, bool kVarC>
+__device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const BwdWarp<In, W>& w, int64_t c,
+                                          bool active, int lane, int warp, int warps,
+                                          typename RealOf<W>::type& dD_lane,
+                                          typename RealOf<W>::type& dbias_lane, int& par) {
     typedef W S;
     typedef typename RealOf<W>::type R;
     constexpr int T = kBwdItems;
@@ -121,7 +116,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
     const int64_t N = p.dstate, L = p.seqlen;
     const int64_t c0 = c * kBwdChunk;
     const int64_t t0 = c0 + lane * T;
-    R u[T], dl[T], dy[T], du[T], ddl[T], y[T];
+    R u[T], dl[T], dy[T], du[T], ddl[T];
     R sum_dl = 0;
     if (active) {
         bload<kFast>(w.u, p.u_l, t0, L, u);
@@ -142,22 +137,11 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
         v = p.delta_softplus ? softplus_fast(v) : v;
         dl[i] = live ? v : R(0);
         sum_dl += dl[i];
-        y[i] = w.Dv * u[i];
         du[i] = w.Dv * dy[i];
         ddl[i] = R(0);
-        w.dD_lane += dy[i] * u[i];
+        dD_lane += dy[i] * u[i];
     }
     typedef typename VarBC<In, W>::type BCs;
-    // kAtomic: the block sums dB/dC of the whole chunk in a shared accumulator
-    // [which][n][item][lane] (lane-fastest: the red.shared.add of a warp hit distinct banks),
-    // three barriers per chunk instead of one per state; the summation order across warps
-    // varies from run to run (not bitwise reproducible).
-    float* acc = (float*)w.slices;
-    if (kAtomic) {
-        __syncthreads();   // the previous chunk's flush has read the accumulator
-        for (int e = tid; e < 2 * N * kBwdChunk; e += nthreads) acc[e] = 0.f;
-        __syncthreads();
-    }
     // Variable B/C rows of state n+1 load while state n computes: the warps of a block meet at
     // a barrier every state, so an unhidden L2 round trip per state would stall them all.
     const BCs* bp = w.Bg;
@@ -185,30 +169,20 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
         if (active) {
             const S Araw = w.A[n * p.A_n];
             const S A2 = prescale(Araw);
-            S Bv[T], Cv[T];
-            if (kVarB) {
-#pragma unroll
-                for (int i = 0; i < T; ++i) Bv[i] = Ld<S>::from(vb.e[i]);
-            } else {
-                const S b = w.Bc[n * p.B_n];
-#pragma unroll
-                for (int i = 0; i < T; ++i) Bv[i] = b;
-            }
-            if (kVarC) {
-#pragma unroll
-                for (int i = 0; i < T; ++i) Cv[i] = Ld<S>::from(vc.e[i]);
-            } else {
-                const S cc = w.Cc[n * p.C_n];
-#pragma unroll
-                for (int i = 0; i < T; ++i) Cv[i] = cc;
-            }
+            // B and C stay in their packed storage words (4 registers for 8 bf16) and are
+            // widened at each use: fewer live registers, fewer spills (the variable-B/C backward
+            // spilled ~400 bytes per thread with float arrays).
+            const S bconst = kVarB ? S(0) : w.Bc[n * p.B_n];
+            const S cconst = kVarC ? S(0) : w.Cc[n * p.C_n];
+#define Bv(i) (kVarB ? Ld<S>::from(vb.e[i]) : bconst)
+#define Cv(i) (kVarC ? Ld<S>::from(vc.e[i]) : cconst)
             // 1. forward replay from the chunk's start state
             S dA[T];
             S bt = S(0);
 #pragma unroll
             for (int i = 0; i < T; ++i) {
                 dA[i] = gate(dl[i], A2);
-                bt = dA[i] * bt + Bv[i] * (dl[i] * u[i]);
+                bt = dA[i] * bt + Bv(i) * (dl[i] * u[i]);
             }
             const S a_own = gate(sum_dl, A2);
             S at = a_own;
@@ -220,14 +194,13 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
             S hv = h_in;
 #pragma unroll
             for (int i = 0; i < T; ++i) {
-                hv = dA[i] * hv + Bv[i] * (dl[i] * u[i]);
+                hv = dA[i] * hv + Bv(i) * (dl[i] * u[i]);
                 h[i] = hv;
-                y[i] += readout(Cv[i], hv);
             }
             // 2. adjoint: local pass with zero carry, then the reverse warp scan
             S q = S(0);
 #pragma unroll
-            for (int i = T - 1; i >= 0; --i) q = conj(dA[i]) * (readout_grad(Cv[i], dy[i]) + q);
+            for (int i = T - 1; i >= 0; --i) q = conj(dA[i]) * (readout_grad(Cv(i), dy[i]) + q);
             S ar = conj(a_own);
             warp_exclusive_scan_reverse(ar, q, lane);
             S X = ar * w.dX[n] + q;
@@ -235,14 +208,16 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
             S dA_sum = S(0);
 #pragma unroll
             for (int i = T - 1; i >= 0; --i) {
-                dh[i] = readout_grad(Cv[i], dy[i]) + X;
+                dh[i] = readout_grad(Cv(i), dy[i]) + X;
                 const S hp = i > 0 ? h[i - 1] : h_in;
                 const S Ga = dh[i] * conj(hp);
-                ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh[i] * conj(Bv[i] * u[i]));
+                ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh[i] * conj(Bv(i) * u[i]));
                 dA_sum += Ga * conj(dA[i]) * dl[i];
-                du[i] += re_part(dh[i] * conj(Bv[i] * dl[i]));
+                du[i] += re_part(dh[i] * conj(Bv(i) * dl[i]));
                 X = conj(dA[i]) * dh[i];
             }
+#undef Bv
+#undef Cv
             dA_sum = warp_sum(dA_sum);
             if (!kVarB) {
                 S s = S(0);
@@ -265,20 +240,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
 #pragma unroll
             for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
         }
-        if (kAtomic) {
-            if (active) {
-                if (kVarB) {
-#pragma unroll
-                    for (int i = 0; i < T; ++i)
-                        smem_red_add(acc + ((0 * N + n) * T + i) * 32 + lane, real(dh[i] * (dl[i] * u[i])));
-                }
-                if (kVarC) {
-#pragma unroll
-                    for (int i = 0; i < T; ++i)
-                        smem_red_add(acc + ((1 * N + n) * T + i) * 32 + lane, real(conj_times(dy[i], h[i])));
-                }
-            }
-        } else if (kVarB || kVarC) {
+        if (kVarB || kVarC) {
             // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
             // then each thread sums the warps for its steps. Slices are double buffered by
             // state parity, so one barrier per state suffices. Each lane's 8 values go out as
@@ -286,7 +248,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
             // (Scalar stores at a lane stride of 8 words were 8-way bank conflicts: the
             // variable-B/C backward took 2.0 ms against 1.0 ms for constant B/C.)
             typedef TileLayout<S, T> Slice;
-            S* sl = w.slices + w.par * 2 * warps * Slice::kRow;
+            S* sl = w.slices + par * 2 * warps * Slice::kRow;
             if (kVarB) {
                 Vec<S, T> v;
 #pragma unroll
@@ -316,31 +278,19 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
                 S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part);
                 dst[(w.part_row + n) * L + tt] = acc;
             }
-            w.par ^= 1;
-        }
-    }
-    if (kAtomic) {
-        __syncthreads();
-        for (int e = tid; e < 2 * N * kBwdChunk; e += nthreads) {
-            const int which = (int)(e / (N * kBwdChunk));
-            const int64_t r = e - which * N * kBwdChunk;
-            const int64_t n = r / kBwdChunk;
-            const int t = (int)(r - n * kBwdChunk);
-            if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-            const int64_t tt = c0 + t;
-            if (!kFast && tt >= L) continue;
-            float* dst = (float*)(which == 0 ? p.dB_part : p.dC_part);
-            dst[(w.part_row + n) * L + tt] = acc[((which * N + n) * T + t % T) * 32 + t / T];
+            par ^= 1;
         }
     }
     if (active) {
         // dz needs the finished y (all states); delta's chain rule needs the raw value.
         if (w.z) {
-            R zv[T], go[T], dz[T];
+            // dz = dout * (y + D u) * silu'(z), with the forward's saved un-gated output.
+            R zv[T], go[T], dz[T], yv[T];
             bload<kFast>(w.z, p.z_l, t0, L, zv);
             bload<kFast>(w.dout, p.dout_l, t0, L, go);
+            bload<kFast>(w.ysave, 1, t0, L, yv);
 #pragma unroll
-            for (int i = 0; i < T; ++i) dz[i] = go[i] * y[i] * silu_grad(zv[i]);
+            for (int i = 0; i < T; ++i) dz[i] = go[i] * yv[i] * silu_grad(zv[i]);
             bstore<kFast>(w.dz, p.dz_l, t0, L, dz);
         }
         R raw[T];
@@ -348,17 +298,15 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, BwdWarp<
 #pragma unroll
         for (int i = 0; i < T; ++i) {
             if (p.delta_softplus) ddl[i] *= sigmoid_fast(raw[i] + w.bias);
-            if (kFast || t0 + i < L) w.dbias_lane += ddl[i];
+            if (kFast || t0 + i < L) dbias_lane += ddl[i];
         }
         bstore<kFast>(w.du, p.du_l, t0, L, du);
         bstore<kFast>(w.ddl, p.ddelta_l, t0, L, ddl);
     }
 }
 
-// kAtomic (fp32 state, variable B or C, N <= 32 only; chosen by the host): see bwd_chunk.
-template <typename In, typename W, bool kVarB, bool kVarC, bool kAtomic>
+template <typename In, typename W, bool kVarB, bool kVarC>
 __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd(const SelectiveScanParams p) {
-    static_assert(!kAtomic || (IsSame<W, float>::value && (kVarB || kVarC)), "atomic path: fp32, variable B/C");
     typedef W S;
     typedef typename RealOf<W>::type R;
     typedef typename VarBC<In, W>::type BCs;
@@ -369,11 +317,14 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
 
     // Shared memory, in the order the host sizes it (ssmkit/ops/selective_scan.py, bwd_smem).
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    BwdWarp<In, W> w;
+    // The warp's ~20 row pointers live in (static) shared memory, not registers: held in
+    // registers across the state loop they pushed the kernel into spills under its 128-register
+    // cap; reloaded after each barrier they cost a few LDS per chunk and state.
+    __shared__ BwdWarp<In, W> warp_state[BwdMaxThreads<W>::value / 32];
+    BwdWarp<In, W>& w = warp_state[warp];
     w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    // slices (padded rows, deterministic path) or the chunk accumulator (kAtomic)
-    S* per_warp = w.slices + (kAtomic ? 2 * N * kBwdChunk : (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0));
+    S* per_warp = w.slices + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // slices: padded rows
     w.dX = per_warp + warp * N;                                     // adjoint carry per state
     w.dA_acc = per_warp + (warps + warp) * N;
     w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
@@ -393,6 +344,7 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     w.dl = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
     w.z = p.z ? (const In*)p.z + m.b * p.z_b + m.d * p.z_d : nullptr;
     w.dout = (const In*)p.dout + m.b * p.dout_b + m.d * p.dout_d;
+    w.ysave = p.z ? (const In*)p.y_saved + (m.b * p.dim + m.d) * L : nullptr;
     w.du = (In*)p.du + m.b * p.du_b + m.d * p.du_d;
     w.ddl = (In*)p.ddelta + m.b * p.ddelta_b + m.d * p.ddelta_d;
     w.dz = p.dz ? (In*)p.dz + m.b * p.dz_b + m.d * p.dz_d : nullptr;
@@ -406,20 +358,20 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     w.saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
     w.init = p.initial_state ? (const S*)p.initial_state + m.b * p.init_b + m.d * p.init_d : nullptr;
     w.part_row = ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
-    w.dD_lane = 0;
-    w.dbias_lane = 0;
-    w.par = 0;
+    __syncwarp();
+    R dD_lane = 0, dbias_lane = 0;
+    int par = 0;
 
     const int64_t n_chunks = (L + kBwdChunk - 1) / kBwdChunk;
     for (int64_t c = n_chunks - 1; c >= 0; --c) {
         // Block-uniform choice (all warps share the chunk): barriers inside stay uniform.
         if (p.vec_ok && (c + 1) * kBwdChunk <= L)
-            bwd_chunk<true, In, W, kVarB, kVarC, kAtomic>(p, w, c, m.active, lane, warp, warps);
+            bwd_chunk<true, In, W, kVarB, kVarC>(p, w, c, m.active, lane, warp, warps, dD_lane, dbias_lane, par);
         else
-            bwd_chunk<false, In, W, kVarB, kVarC, kAtomic>(p, w, c, m.active, lane, warp, warps);
+            bwd_chunk<false, In, W, kVarB, kVarC>(p, w, c, m.active, lane, warp, warps, dD_lane, dbias_lane, par);
     }
     if (m.active) {
-        const R dD_w = warp_sum(w.dD_lane), db_w = warp_sum(w.dbias_lane);
+        const R dD_w = warp_sum(dD_lane), db_w = warp_sum(dbias_lane);
         const int64_t bd = m.b * p.dim + m.d;
         if (lane == 0) {
             if (p.dD_part) ((R*)p.dD_part)[bd] = dD_w;

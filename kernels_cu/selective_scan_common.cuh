@@ -13,6 +13,7 @@ struct SelectiveScanParams {
     const void* u; const void* delta; const void* A; const void* B; const void* C;
     const void* D; const void* z; const void* delta_bias; const void* initial_state;
     void* out; void* last_state; void* saved_states;    // saved: (B, D, n_saved, N), contiguous
+    void* y_saved;      // forward with z, for the backward: y + D u before the gate, (B, D, L) contiguous
     // backward only
     const void* dout; const void* dlast_state;
     void* du; void* ddelta; void* dz; void* dinitial_state;

@@ -76,6 +76,7 @@ template <typename In, typename W> struct FwdWarp {
     typedef typename VarBC<In, W>::type BCs;
     const In *u, *dl, *z;
     In* out;
+    In* ysave;                // un-gated output for the backward, or null
     const W* A;
     const BCs *Bg, *Cg;       // variable: this (b, g)
     const W *Bc, *Cc;         // constant: this channel
@@ -156,6 +157,9 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
         }
     }
     if (w.z) {
+        // Training keeps the un-gated output for the backward's dz (one (B, D, L) array in the
+        // input dtype): the backward then skips re-accumulating y over all N states.
+        if (w.ysave) store_steps<kFast>(w.ysave, 1, t0, L, y);
         R zv[T];
         load_steps<kFast>(w.z, p.z_l, t0, L, zv);
 #pragma unroll
@@ -187,6 +191,7 @@ __global__ void __launch_bounds__(256, FwdMinBlocks<W>::value) selective_scan_fw
     w.dl = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
     w.z = p.z ? (const In*)p.z + m.b * p.z_b + m.d * p.z_d : nullptr;
     w.out = (In*)p.out + m.b * p.out_b + m.d * p.out_d;
+    w.ysave = (p.y_saved && p.z) ? (In*)p.y_saved + (m.b * p.dim + m.d) * L : nullptr;
     w.A = (const S*)p.A + m.d * p.A_d;
     w.Dv = p.D ? ((const typename RealOf<W>::type*)p.D)[m.d * p.D_s] : 0;
     w.bias = p.delta_bias ? ((const typename RealOf<W>::type*)p.delta_bias)[m.d * p.delta_bias_s] : 0;

@@ -45,9 +45,6 @@ def weight_dtypes(in_dtype: str) -> tuple[str, str]:
     return ("float64", "complex128") if in_dtype == "float64" else ("float32", "complex64")
 
 
-ATOMIC_MAX_N = 32      # the backward's shared dB/dC accumulator holds 2 * N * 256 fp32 values
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     in_dtype: str
@@ -72,15 +69,10 @@ def fwd_ref(cfg: KernelConfig) -> KernelRef:
                      f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {cfg.items}>")
 
 
-def atomic_ok(cfg: KernelConfig, N: int) -> bool:
-    """Whether the backward's fast (shared-atomic, not bitwise reproducible) path applies."""
-    return cfg.w_dtype == "float32" and (cfg.var_b or cfg.var_c) and N <= ATOMIC_MAX_N
-
-
-def bwd_ref(cfg: KernelConfig, atomic: bool = False) -> KernelRef:
+def bwd_ref(cfg: KernelConfig) -> KernelRef:
     return KernelRef("selective_scan_bwd.cu",
                      f"ssm::selective_scan_bwd<{_IN_C[cfg.in_dtype]}, {_W_C[cfg.w_dtype]}, "
-                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}, {str(atomic).lower()}>")
+                     f"{str(cfg.var_b).lower()}, {str(cfg.var_c).lower()}>")
 
 
 def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
@@ -88,14 +80,11 @@ def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     return warps * N * _ITEMSIZE[cfg.w_dtype]
 
 
-def bwd_smem(cfg: KernelConfig, warps: int, N: int, atomic: bool = False) -> int:
+def bwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     """Bytes of dynamic shared memory, mirroring the layout in selective_scan_bwd.cu."""
     s = _ITEMSIZE[cfg.w_dtype]
     n_var = int(cfg.var_b) + int(cfg.var_c)
-    if atomic:
-        slices = 2 * N * 32 * BWD_ITEMS * 4                                     # chunk accumulator
-    else:
-        slices = (2 * 2 * warps * 32 * (BWD_ITEMS + 16 // s) * s) if n_var else 0   # padded rows
+    slices = (2 * 2 * warps * 32 * (BWD_ITEMS + 16 // s) * s) if n_var else 0   # padded rows
     per_warp = warps * N * s * (2 + (not cfg.var_b) + (not cfg.var_c))
     return slices + per_warp
 
@@ -115,14 +104,12 @@ def variants(dtype: str | None = None) -> list[KernelRef]:
     out = []
     for cfg in _all_configs(dtype):
         out += [fwd_ref(cfg), bwd_ref(cfg)]
-        if atomic_ok(cfg, 1):
-            out.append(bwd_ref(cfg, atomic=True))
     return out
 
 
 PARAMS = Params("ssm::SelectiveScanParams", [
     *[(n, "ptr") for n in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state",
-                           "out", "last_state", "saved_states", "dout", "dlast_state", "du",
+                           "out", "last_state", "saved_states", "y_saved", "dout", "dlast_state", "du",
                            "ddelta", "dz", "dinitial_state", "dA_part", "dB_part", "dC_part",
                            "dD_part", "ddelta_bias_part")],
     *[(n, "int64_t") for n in ("batch", "dim", "seqlen", "dstate", "n_groups", "dim_per_group",
@@ -228,16 +215,16 @@ def _bc_strides(X, var):
     return {"b": s[0], "g": s[1], "n": s[2], "l": s[3]}
 
 
-def _launch_shape(spec: SelectiveScanSpec, smem_fn, **kw) -> tuple[int, int, int]:
+def _launch_shape(spec: SelectiveScanSpec, smem_fn) -> tuple[int, int, int]:
     """(warps per block, blocks per group, shared bytes), shrinking the block to fit shared memory."""
     cfg = spec.config
     dpg = spec.dim // spec.groups
     warps = WARPS_PER_BLOCK
     if smem_fn is bwd_smem and spec.w_dtype == "float32":   # BwdMaxThreads in selective_scan_bwd.cu
         warps = WARPS_PER_BLOCK_BWD
-    while warps > 1 and (smem_fn(cfg, warps, spec.dstate, **kw) > SMEM_LIMIT or warps >= 2 * dpg):
+    while warps > 1 and (smem_fn(cfg, warps, spec.dstate) > SMEM_LIMIT or warps >= 2 * dpg):
         warps //= 2
-    smem = smem_fn(cfg, warps, spec.dstate, **kw)
+    smem = smem_fn(cfg, warps, spec.dstate)
     if smem > SMEM_LIMIT:
         raise ValueError(f"{OP}: N = {spec.dstate} needs {smem} bytes of shared memory per block, "
                          f"more than the {SMEM_LIMIT} available")
@@ -328,11 +315,15 @@ class _FwdPlan:
             so = (D * L, L, 1)
             out_ok = _contiguous_rows_aligned(L, self.in_dtype.itemsize)
         warps, bpg, smem = _launch_shape(spec, fwd_smem)
+        self.save_y = want_saved and spec.has_z
+        if self.save_y:
+            out_ok = out_ok and _contiguous_rows_aligned(L, self.in_dtype.itemsize)
         f.update(out_b=so[0], out_d=so[1], out_l=so[2], blocks_per_group=bpg,
                  vec_ok=int(out_ok and vec_ok(spec, arrays)))
         self.row = PARAMS.row(**f)
         self.ptr_index = [PARAMS.index(n) for n in _PTR_FIELDS]
-        self.i_out, self.i_last, self.i_saved = (PARAMS.index(n) for n in ("out", "last_state", "saved_states"))
+        self.i_out, self.i_last, self.i_saved, self.i_y = (
+            PARAMS.index(n) for n in ("out", "last_state", "saved_states", "y_saved"))
         self.launch = prepare(fwd_ref(spec.config), grid=(B * spec.groups * bpg,), block=(32, warps),
                               shared_mem=smem)
 
@@ -345,7 +336,10 @@ class _FwdPlan:
         if out is None:
             out = cupy.empty(self.out_shape, self.in_dtype)
         row[self.i_out] = out.data.ptr
-        last = saved = None
+        last = saved = y = None
+        if self.save_y:
+            y = cupy.empty(self.out_shape, self.in_dtype)
+            row[self.i_y] = y.data.ptr
         if self.want_last:
             last = cupy.empty(self.state_shape, self.spec.w_dtype)
             row[self.i_last] = last.data.ptr
@@ -353,7 +347,7 @@ class _FwdPlan:
             saved = cupy.empty(self.saved_shape, self.spec.w_dtype)
             row[self.i_saved] = saved.data.ptr
         self.launch((PARAMS.pack_row(row),))
-        return out, last, saved
+        return out, last, (saved, y)
 
 
 def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool):
@@ -375,7 +369,7 @@ def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool
         if out is not None:
             out[...] = res[0]
             res = (out, res[1])
-        return backend, spec, res + (None,)
+        return backend, spec, res + ((None, None),)
     _check_device(dict(arr, out=out))
     plan = _FwdPlan(spec, arr, out, want_last, want_saved)
     key, ptrs = layout_key(tuple(arr[k] for k in _NAMES) + (out,), (delta_softplus, want_last, want_saved))
@@ -406,25 +400,28 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 class ScanSaved:
     """What the forward keeps for the backward: the state every 256 steps, (B, D, ceil(L/256), N)
     in A's dtype, i.e. B*D*ceil(L/256)*N*itemsize bytes (8*1536*8*16*4 = 6.3 MB at B=8, D=1536,
-    L=2048, N=16 in fp32; never the (B, D, L, N) states)."""
+    L=2048, N=16 in fp32; never the (B, D, L, N) states), and with z the un-gated output
+    (B, D, L) in u's dtype (as upstream keeps it; 50 MB at that shape in bf16)."""
 
     states: object
     spec: SelectiveScanSpec
+    y: object = None      # with z: the un-gated output y + D u, (B, D, L) in u's dtype
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.states is None else int(self.states.nbytes)
+        return sum(int(a.nbytes) for a in (self.states, self.y) if a is not None)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        initial_state=None, out=None):
     """Forward for training: returns (out, last_state, saved) where ``saved`` (a ScanSaved)
     holds the chunk-boundary states the backward recomputes from. Shapes as ``selective_scan``.
-    Bytes kept per call: B * D * ceil(L / 256) * N * itemsize(A) (``saved.nbytes``).
+    Bytes kept per call (``saved.nbytes``): B * D * ceil(L / 256) * N * itemsize(A), plus
+    B * D * L * itemsize(u) when z is given (the un-gated output, for dz).
     On NumPy inputs ``saved.states`` is None (the reference backward recomputes everything)."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    _, spec, (o, last, states) = _forward(args, delta_softplus, out, True, True)
-    return o, last, ScanSaved(states, spec)
+    _, spec, (o, last, (states, y)) = _forward(args, delta_softplus, out, True, True)
+    return o, last, ScanSaved(states, spec, y)
 
 
 class _BwdPlan:
@@ -433,11 +430,10 @@ class _BwdPlan:
     _OUT_PTRS = ("du", "ddelta", "dz", "dinitial_state", "dA_part", "dB_part", "dC_part", "dD_part",
                  "ddelta_bias_part")
 
-    def __init__(self, spec: SelectiveScanSpec, arrays: dict, deterministic: bool):
+    def __init__(self, spec: SelectiveScanSpec, arrays: dict):
         self.spec = spec
         Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
-        atomic = not deterministic and atomic_ok(spec.config, N)
-        warps, bpg, smem = _launch_shape(spec, bwd_smem, atomic=atomic)
+        warps, bpg, smem = _launch_shape(spec, bwd_smem)
         self.in_dtype = arrays["u"].dtype
         wdt, real_w = spec.w_dtype, weight_dtypes(spec.in_dtype)[0]
         act = (Bsz, Dsz, L)
@@ -465,10 +461,9 @@ class _BwdPlan:
             sl = strides_elems(arrays["dlast_state"])
             f.update(dlast_b=sl[0], dlast_d=sl[1], dlast_n=sl[2])
         self.row = PARAMS.row(**f)
-        self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states")]
+        self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states", "y_saved")]
         self.out_index = [PARAMS.index(n) for n in self._OUT_PTRS]
-        self.launch = prepare(bwd_ref(spec.config, atomic), grid=(Bsz * G * bpg,), block=(32, warps),
-                              shared_mem=smem)
+        self.launch = prepare(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps), shared_mem=smem)
 
     def __call__(self, ptrs):
         import cupy
@@ -502,25 +497,20 @@ class _BwdPlan:
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, initial_state=None, saved=None, dlast_state=None,
-                       deterministic=False):
+                       delta_softplus=False, initial_state=None, saved=None, dlast_state=None):
     """Gradients of the selective scan: returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
     dinitial_state), each in the shape and dtype of its input (None where the input was None).
 
     ``saved`` is the ScanSaved from ``selective_scan_fwd`` (required on CuPy inputs);
     ``dlast_state`` (B, D, N) is the gradient flowing into last_state, if any.
-    No global floating-point atomics: per-block partial sums of variable dB/dC
-    (B * G * ceil(D / G / 8) * N * L * 4 bytes each, fp32) are folded in a fixed order.
-    By default (fp32 state, variable B or C, N <= 32) each block sums its 8 channels' dB/dC
-    with shared-memory atomics, whose order varies: dB and dC then differ from run to run in
-    the last bits. ``deterministic=True`` sums the channels in a fixed order instead (every
-    output bitwise reproducible) at one block barrier per state and chunk: see
-    benchmarks/NOTES.md for the measured cost. fp64, complex and N > 32 always take it.
+    Deterministic: no floating-point atomics; every sum has a fixed order, so repeated calls
+    are bitwise identical. Temporary memory: variable dB/dC take per-block partials of
+    B * G * ceil(D / G / 16) * N * L * 4 bytes each (fp32), summed on the device.
     """
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, dout, dlast_state)
     states = getattr(saved, "states", None)
-    check_flag(OP, "deterministic", deterministic)
-    key, ptrs = layout_key(args + (states,), (delta_softplus, deterministic))
+    ysaved = getattr(saved, "y", None)
+    key, ptrs = layout_key(args + (states, ysaved), (delta_softplus,))
     plan = _BWD_PLANS.get(key) if key is not None else None
     if plan is not None and saved.spec == plan.spec:
         return plan(ptrs)
@@ -536,7 +526,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return ref(arr["dout"], *(arr[k] for k in _NAMES[:5]), D=arr["D"], z=arr["z"],
                    delta_bias=arr["delta_bias"], delta_softplus=delta_softplus,
                    initial_state=arr["initial_state"], dlast_state=arr["dlast_state"])
-    if states is None:
+    if states is None or (spec.has_z and ysaved is None):
         raise ValueError(f"{OP}: selective_scan_bwd needs the 'saved' states from selective_scan_fwd "
                          "on GPU inputs")
     if saved.spec != spec:
@@ -545,9 +535,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     _check_device(arr)
     plan = _BWD_PLANS.get(key) if key is not None else None
     if plan is None:
-        plan = _BwdPlan(spec, arr, deterministic)
-        key, ptrs = layout_key(tuple(arr[k] for k in _NAMES + ("dout", "dlast_state")) + (states,),
-                               (delta_softplus, deterministic))
+        plan = _BwdPlan(spec, arr)
+        key, ptrs = layout_key(tuple(arr[k] for k in _NAMES + ("dout", "dlast_state")) + (states, ysaved),
+                               (delta_softplus,))
         _BWD_PLANS.put(key, plan)
     ptrs = [0 if arr[k] is None else arr[k].data.ptr for k in _NAMES + ("dout", "dlast_state")]
-    return plan(ptrs + [states.data.ptr])
+    return plan(ptrs + [states.data.ptr, 0 if ysaved is None else ysaved.data.ptr])
