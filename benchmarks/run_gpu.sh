@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The one GPU job: runs the GPU test suite, the benchmarks and compute-sanitizer in a single
-# device call, writing logs and JSON under $OUT (at most 8 files come back).
+# The one GPU job: the GPU test suite, the benchmarks and compute-sanitizer, writing logs and
+# JSON under $OUT (at most 8 files come back from the device tool).
 #
-#   bash benchmarks/run_gpu.sh [tests] [bench] [sanitize] [quick]     (default: tests bench sanitize)
+#   bash benchmarks/run_gpu.sh [tests] [bench] [sanitize]      (default: all three)
+#
+# Files: run.log (summary), tests.log, sanitize.log, selective_scan.json, causal_conv1d.json,
+# decode.json, torch_overhead.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ssmkit_gpu_out}
@@ -10,37 +13,41 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/ssmkit_cupy_cache}
 PY=${PY:-python3}
+JOBS=${JOBS:-12}
 steps="${*:-tests bench sanitize}"
 LOG="$OUT/run.log"
 {
   echo "== $(date -u) steps: $steps"
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
   $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'nvrtc', cupy.cuda.nvrtc.getVersion())"
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee -a "$LOG"
 
 if [[ " $steps " == *" tests "* ]]; then
-  echo "== GPU tests" | tee -a "$LOG"
+  echo "== GPU tests (-m gpu, $JOBS workers)" | tee -a "$LOG"
   t0=$SECONDS
-  $PY -m pytest tests -m "gpu or nvrtc" -q -p no:cacheprovider -x --maxfail=20 -o addopts="" \
-      --junitxml="$OUT/junit.xml" ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+  timeout ${TEST_TIMEOUT:-330} $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="-ra" \
+      -n "$JOBS" ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "pytest rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
-  tail -25 "$OUT/tests.log" | tee -a "$LOG"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30 | tee -a "$LOG"
 fi
 if [[ " $steps " == *" bench "* ]]; then
-  quick=""; [[ " $steps " == *" quick "* ]] && quick="--quick"
-  for b in benchmarks/bench_*.py; do
-    echo "== $b" | tee -a "$LOG"
-    timeout 400 $PY "$b" --out "$OUT" $quick >> "$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+  for b in selective_scan causal_conv1d decode torch_overhead; do
+    echo "== bench_$b" | tee -a "$LOG"
+    t0=$SECONDS
+    timeout ${BENCH_TIMEOUT:-170} $PY "benchmarks/bench_$b.py" --out "$OUT" >> "$LOG" 2>&1
+    echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
   done
 fi
 if [[ " $steps " == *" sanitize "* ]]; then
+  SAN="$OUT/sanitize.log"
   for s in benchmarks/sanitize_*.py; do
     for tool in memcheck racecheck; do
-      echo "== compute-sanitizer $tool $s" | tee -a "$LOG"
-      timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 $PY "$s" > "$OUT/san.tmp" 2>&1
-      rc=$?; tail -6 "$OUT/san.tmp" | tee -a "$LOG"; echo "rc=$rc" | tee -a "$LOG"
+      echo "== compute-sanitizer --tool $tool $s" | tee -a "$SAN"
+      timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY "$s" >> "$SAN" 2>&1
+      rc=$?; echo "rc=$rc" | tee -a "$SAN"
+      echo "sanitize $tool $s rc=$rc" >> "$LOG"
     done
   done
-  rm -f "$OUT/san.tmp"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=" "$SAN" | tee -a "$LOG"
 fi
 echo "== done $(date -u)" | tee -a "$LOG"
