@@ -51,42 +51,6 @@ template <typename R> __device__ __forceinline__ complex<R> conj_times(R dy, com
     return {R(2) * dy * h.re, -R(2) * dy * h.im};   // dC = 2 dy conj(h)
 }
 
-// Load/store kN steps: kFast = whole aligned vectors, no bounds checks (the host's vec_ok and
-// a full chunk); otherwise checked, strided.
-template <bool kFast, typename T, int kN, typename A>
-__device__ __forceinline__ void bload(const T* row, int64_t stride, int64_t t0, int64_t L, A (&out)[kN]) {
-    if (kFast) {
-        Vec<T, kN> v;
-#pragma unroll
-        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
-#pragma unroll
-        for (int i = 0; i < kN; ++i) out[i] = A(to_acc(v.e[i]));
-    } else {
-        load_seg(row, stride, t0, L, out, A(0));
-    }
-}
-template <bool kFast, typename T, int kN, typename A>
-__device__ __forceinline__ void bstore(T* row, int64_t stride, int64_t t0, int64_t L, const A (&in)[kN]) {
-    if (kFast) {
-        Vec<T, kN> v;
-#pragma unroll
-        for (int i = 0; i < kN; ++i) v.e[i] = Convert<T>::from(in[i]);
-#pragma unroll
-        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) ((uint4*)(row + t0))[k] = v.w[k];
-    } else {
-        store_seg(row, stride, t0, L, in);
-    }
-}
-template <bool kFast, typename T, int kN>
-__device__ __forceinline__ void bload_raw(const T* row, int64_t stride, int64_t t0, int64_t L, Vec<T, kN>& v) {
-    if (kFast) {
-#pragma unroll
-        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
-    } else {
-        load_raw(row, stride, t0, L, v);
-    }
-}
-
 // A warp's channel and its shared-memory slots, set up once.
 template <typename In, typename W> struct BwdWarp {
     typedef typename RealOf<W>::type R;
@@ -119,12 +83,12 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     R u[T], dl[T], dy[T], du[T], ddl[T];
     R sum_dl = 0;
     if (active) {
-        bload<kFast>(w.u, p.u_l, t0, L, u);
-        bload<kFast>(w.dl, p.delta_l, t0, L, dl);
-        bload<kFast>(w.dout, p.dout_l, t0, L, dy);
+        load_steps<kFast>(w.u, p.u_l, t0, L, u);
+        load_steps<kFast>(w.dl, p.delta_l, t0, L, dl);
+        load_steps<kFast>(w.dout, p.dout_l, t0, L, dy);
         if (w.z) {
             R zv[T];
-            bload<kFast>(w.z, p.z_l, t0, L, zv);
+            load_steps<kFast>(w.z, p.z_l, t0, L, zv);
 #pragma unroll
             for (int i = 0; i < T; ++i) dy[i] *= silu_fast(zv[i]);
         }
@@ -148,23 +112,23 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     const BCs* cp = w.Cg;
     Vec<BCs, T> nb, nc;
     if (active) {
-        if (kVarB) bload_raw<kFast>(bp, p.B_l, t0, L, nb);
-        if (kVarC) bload_raw<kFast>(cp, p.C_l, t0, L, nc);
+        if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
+        if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
     }
     for (int64_t n = 0; n < N; ++n) {
         S dh[T], h[T];      // the adjoint and the state at this warp's steps, for dB/dC
         if (!kBwdPrefetch && active && n > 0) {
             bp += p.B_n;
             cp += p.C_n;
-            if (kVarB) bload_raw<kFast>(bp, p.B_l, t0, L, nb);
-            if (kVarC) bload_raw<kFast>(cp, p.C_l, t0, L, nc);
+            if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
+            if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
         }
         const Vec<BCs, T> vb = nb, vc = nc;
         if (kBwdPrefetch && active && n + 1 < N) {
             bp += p.B_n;
             cp += p.C_n;
-            if (kVarB) bload_raw<kFast>(bp, p.B_l, t0, L, nb);
-            if (kVarC) bload_raw<kFast>(cp, p.C_l, t0, L, nc);
+            if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
+            if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
         }
         if (active) {
             const S Araw = w.A[n * p.A_n];
@@ -286,22 +250,22 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
         if (w.z) {
             // dz = dout * (y + D u) * silu'(z), with the forward's saved un-gated output.
             R zv[T], go[T], dz[T], yv[T];
-            bload<kFast>(w.z, p.z_l, t0, L, zv);
-            bload<kFast>(w.dout, p.dout_l, t0, L, go);
-            bload<kFast>(w.ysave, 1, t0, L, yv);
+            load_steps<kFast>(w.z, p.z_l, t0, L, zv);
+            load_steps<kFast>(w.dout, p.dout_l, t0, L, go);
+            load_steps<kFast>(w.ysave, 1, t0, L, yv);
 #pragma unroll
             for (int i = 0; i < T; ++i) dz[i] = go[i] * yv[i] * silu_grad(zv[i]);
-            bstore<kFast>(w.dz, p.dz_l, t0, L, dz);
+            store_steps<kFast>(w.dz, p.dz_l, t0, L, dz);
         }
         R raw[T];
-        bload<kFast>(w.dl, p.delta_l, t0, L, raw);
+        load_steps<kFast>(w.dl, p.delta_l, t0, L, raw);
 #pragma unroll
         for (int i = 0; i < T; ++i) {
             if (p.delta_softplus) ddl[i] *= sigmoid_fast(raw[i] + w.bias);
             if (kFast || t0 + i < L) dbias_lane += ddl[i];
         }
-        bstore<kFast>(w.du, p.du_l, t0, L, du);
-        bstore<kFast>(w.ddl, p.ddelta_l, t0, L, ddl);
+        store_steps<kFast>(w.du, p.du_l, t0, L, du);
+        store_steps<kFast>(w.ddl, p.ddelta_l, t0, L, ddl);
     }
 }
 

@@ -33,43 +33,6 @@ template <typename W> struct FwdMinBlocks { static constexpr int value = 2; };
 template <> struct FwdMinBlocks<double> { static constexpr int value = 1; };
 template <typename R> struct FwdMinBlocks<complex<R>> { static constexpr int value = 1; };
 
-// Load kN steps from row[t0..): kFast = whole vector, aligned, no bounds; else checked.
-template <bool kFast, typename T, int kN, typename A>
-__device__ __forceinline__ void load_steps(const T* row, int64_t stride, int64_t t0, int64_t L, A (&out)[kN]) {
-    if (kFast) {
-        Vec<T, kN> v;
-#pragma unroll
-        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
-#pragma unroll
-        for (int i = 0; i < kN; ++i) out[i] = A(to_acc(v.e[i]));
-    } else {
-        load_seg(row, stride, t0, L, out, A(0));
-    }
-}
-
-template <bool kFast, typename T, int kN>
-__device__ __forceinline__ void load_vec(const T* row, int64_t stride, int64_t t0, int64_t L, Vec<T, kN>& v) {
-    if (kFast) {
-#pragma unroll
-        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) v.w[k] = __ldg((const uint4*)(row + t0) + k);
-    } else {
-        load_raw(row, stride, t0, L, v);
-    }
-}
-
-template <bool kFast, typename T, int kN, typename A>
-__device__ __forceinline__ void store_steps(T* row, int64_t stride, int64_t t0, int64_t L, const A (&in)[kN]) {
-    if (kFast) {
-        Vec<T, kN> v;
-#pragma unroll
-        for (int i = 0; i < kN; ++i) v.e[i] = Convert<T>::from(in[i]);
-#pragma unroll
-        for (int k = 0; k < int(kN * sizeof(T) / 16); ++k) ((uint4*)(row + t0))[k] = v.w[k];
-    } else {
-        store_seg(row, stride, t0, L, in);
-    }
-}
-
 // Everything a warp needs for its channel, set up once.
 template <typename In, typename W> struct FwdWarp {
     typedef typename RealOf<W>::type R;

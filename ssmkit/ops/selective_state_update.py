@@ -30,6 +30,7 @@ from .._arrays import CUPY, FLOAT_NAMES, backend_of, dtype_name
 from .._compile import KernelRef, get_kernel
 from .._launch import MAX_GRID_X
 from .._params import Params
+from .._plan import layout_key
 from .._registry import register
 from .._validate import check_array, check_flag, check_ndim, check_same_dtype
 
@@ -386,29 +387,9 @@ def _ndarray_type():
 
 
 def _layout_key(arrays, dt_softplus, device):
-    """(key, ptrs) for CuPy arrays, or (None, None) when some argument is not a cupy.ndarray.
-
-    The key holds everything validation and the prepared launch depend on: shapes, strides,
-    dtypes, devices, the flag, and each pointer's alignment (vectorized accesses). About 0.7 us
-    per array: this loop is most of the functional path's Python cost.
-    """
-    nd = _cupy_ndarray or _ndarray_type()
-    key = [dt_softplus, device]
-    ptrs = []
-    add_key = key.append
-    add_ptr = ptrs.append
-    for a in arrays:
-        if a is None:
-            add_key(None)
-            add_ptr(0)
-            continue
-        if type(a) is not nd:
-            return None, None
-        mem = a.data
-        ptr = mem.ptr
-        add_ptr(ptr)
-        add_key((a.shape, a.strides, a.dtype, mem.device_id, ptr & 15))
-    return tuple(key), ptrs
+    """(key, ptrs) for CuPy arrays, or (None, None) when some argument is not a cupy.ndarray
+    (see ``ssmkit._plan.layout_key``: shapes, strides, dtypes, devices, alignment, flags)."""
+    return layout_key(arrays, (dt_softplus, device))
 
 
 def _run_cupy(arrays, dt_softplus):
