@@ -109,7 +109,7 @@ def _cache_dir_writable() -> bool:
         if parent == probe:
             break
         probe = parent
-    return os.access(probe, os.W_OK)
+    return os.path.isdir(probe) and os.access(probe, os.W_OK)
 
 
 def _load(ref: KernelRef):

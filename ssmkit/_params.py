@@ -72,7 +72,9 @@ class Params:
         lines = [f"static_assert(sizeof({self.c_name}) == {self.dtype.itemsize}, \"sizeof {self.c_name}\");"]
         for n in self.names:
             off = self.dtype.fields[n][1]
-            lines.append(f"static_assert(__builtin_offsetof({self.c_name}, {n}) == {off}, \"offset {self.c_name}.{n}\");")
+            # __INTADDR__ rather than __builtin_offsetof: NVRTC 13.0 (CI's pin) lacks the latter.
+            lines.append(f"static_assert(__INTADDR__(&((({self.c_name}*)0)->{n})) == {off}, "
+                         f"\"offset {self.c_name}.{n}\");")
         return "\n".join(lines)
 
 

@@ -19,6 +19,15 @@ def gpu_available() -> bool:
         return False
 
 
+def pytest_configure(config):
+    config.ssmkit_summary = []  # one-line summaries that tests add, printed at the end of the run
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for line in getattr(config, "ssmkit_summary", []):
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return
