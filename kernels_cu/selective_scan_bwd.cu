@@ -286,14 +286,34 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     // cap; reloaded after each barrier they cost a few LDS per chunk and state.
     __shared__ BwdWarp<In, W> warp_state[BwdMaxThreads<W>::value / 32];
     BwdWarp<In, W>& w = warp_state[warp];
-    w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = w.slices + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // slices: padded rows
-    w.dX = per_warp + warp * N;                                     // adjoint carry per state
-    w.dA_acc = per_warp + (warps + warp) * N;
-    w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
-    w.dCc_acc = per_warp + ((kVarB ? 2 : 3) * warps + warp) * N;    // constant C only
-
+    S* per_warp = (S*)smem_raw + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // after the padded slices
+    if (lane == 0) {   // one writer per field; the warp reads them after the __syncwarp below
+        w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
+        w.dX = per_warp + warp * N;                                     // adjoint carry per state
+        w.dA_acc = per_warp + (warps + warp) * N;
+        w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
+        w.dCc_acc = per_warp + ((kVarB ? 2 : 3) * warps + warp) * N;    // constant C only
+        w.u = (const In*)p.u + m.b * p.u_b + m.d * p.u_d;
+        w.dl = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
+        w.z = p.z ? (const In*)p.z + m.b * p.z_b + m.d * p.z_d : nullptr;
+        w.dout = (const In*)p.dout + m.b * p.dout_b + m.d * p.dout_d;
+        w.ysave = p.z ? (const In*)p.y_saved + (m.b * p.dim + m.d) * L : nullptr;
+        w.du = (In*)p.du + m.b * p.du_b + m.d * p.du_d;
+        w.ddl = (In*)p.ddelta + m.b * p.ddelta_b + m.d * p.ddelta_d;
+        w.dz = p.dz ? (In*)p.dz + m.b * p.dz_b + m.d * p.dz_d : nullptr;
+        w.A = (const S*)p.A + m.d * p.A_d;
+        w.Dv = p.D ? ((const R*)p.D)[m.d * p.D_s] : R(0);
+        w.bias = p.delta_bias ? ((const R*)p.delta_bias)[m.d * p.delta_bias_s] : R(0);
+        w.Bg = (const BCs*)p.B + m.b * p.B_b + m.g * p.B_g;
+        w.Cg = (const BCs*)p.C + m.b * p.C_b + m.g * p.C_g;
+        w.Bc = (const S*)p.B + m.d * p.B_g;
+        w.Cc = (const S*)p.C + m.d * p.C_g;
+        w.saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
+        w.init = p.initial_state ? (const S*)p.initial_state + m.b * p.init_b + m.d * p.init_d : nullptr;
+        w.part_row = ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
+    }
+    __syncwarp();
     for (int n = lane; n < N; n += 32) {
         S x0 = S(0);
         if (p.dlast_state && m.active)
@@ -303,25 +323,6 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
         if (!kVarB) w.dBc_acc[n] = S(0);
         if (!kVarC) w.dCc_acc[n] = S(0);
     }
-    __syncwarp();
-    w.u = (const In*)p.u + m.b * p.u_b + m.d * p.u_d;
-    w.dl = (const In*)p.delta + m.b * p.delta_b + m.d * p.delta_d;
-    w.z = p.z ? (const In*)p.z + m.b * p.z_b + m.d * p.z_d : nullptr;
-    w.dout = (const In*)p.dout + m.b * p.dout_b + m.d * p.dout_d;
-    w.ysave = p.z ? (const In*)p.y_saved + (m.b * p.dim + m.d) * L : nullptr;
-    w.du = (In*)p.du + m.b * p.du_b + m.d * p.du_d;
-    w.ddl = (In*)p.ddelta + m.b * p.ddelta_b + m.d * p.ddelta_d;
-    w.dz = p.dz ? (In*)p.dz + m.b * p.dz_b + m.d * p.dz_d : nullptr;
-    w.A = (const S*)p.A + m.d * p.A_d;
-    w.Dv = p.D ? ((const R*)p.D)[m.d * p.D_s] : R(0);
-    w.bias = p.delta_bias ? ((const R*)p.delta_bias)[m.d * p.delta_bias_s] : R(0);
-    w.Bg = (const BCs*)p.B + m.b * p.B_b + m.g * p.B_g;
-    w.Cg = (const BCs*)p.C + m.b * p.C_b + m.g * p.C_g;
-    w.Bc = (const S*)p.B + m.d * p.B_g;
-    w.Cc = (const S*)p.C + m.d * p.C_g;
-    w.saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
-    w.init = p.initial_state ? (const S*)p.initial_state + m.b * p.init_b + m.d * p.init_d : nullptr;
-    w.part_row = ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
     __syncwarp();
     R dD_lane = 0, dbias_lane = 0;
     int par = 0;

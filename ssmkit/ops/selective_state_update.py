@@ -354,7 +354,7 @@ class _Prepared:
         return all(not align or ptrs[i] % align == 0 for align, i in zip(self.vec, _ALIGN_ARGS))
 
 
-_PARAM_AS_ARRAY = True
+_PARAM_AS_ARRAY = False  # the array route measured 70 us of host time per call at b1 (selective_scan, np.void: 19 us)
 
 
 def _call(kernel, grid, block, prm: np.ndarray) -> None:

@@ -106,11 +106,27 @@ def _scan_spec(v, args, delta_softplus):
 
 
 def ss_saved_tensor(saved, A):
-    """The ScanSaved states as a tensor (custom-op output); empty when there are none (CPU)."""
+    """What the forward keeps, as one uint8 tensor (a custom op returns tensors): the chunk-boundary
+    states' bytes, then (with z) the un-gated output's bytes. Empty when there is none (CPU)."""
     states = None if saved is None else saved.states
     if states is None:
         return A.new_empty((0,))
-    return _contig(to_torch(states))
+    parts = [_contig(to_torch(states)).reshape(-1).view(torch.uint8)]
+    if saved.y is not None:
+        parts.append(_contig(to_torch(saved.y)).reshape(-1).view(torch.uint8))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _unpack_saved(saved_bytes, u, A, z, spec):
+    """Inverse of ss_saved_tensor: (states (B, D, n_saved, N) in A's dtype, y (B, D, L) or None)."""
+    if saved_bytes.numel() == 0:             # nothing was kept (the reference path recomputes)
+        return saved_bytes, None
+    Bsz, Dsz, L = u.shape
+    N = A.shape[1]
+    nb = Bsz * Dsz * spec.n_saved * N * A.element_size()
+    states = saved_bytes[:nb].view(A.dtype).view(Bsz, Dsz, spec.n_saved, N)
+    y = saved_bytes[nb:].view(u.dtype).view(Bsz, Dsz, L) if z is not None else None
+    return states, y
 
 
 def ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool, saved,
@@ -124,7 +140,10 @@ def ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_
         with gpu_context(idx):
             v = views(SS_OP, idx, names, args + (dout, dlast_state))
             if isinstance(saved, torch.Tensor):      # custom-op path: rebuild the ScanSaved
-                saved = ssmkit.ScanSaved(view(saved, "saved", idx), _scan_spec(v, args, delta_softplus))
+                spec = _scan_spec(v, args, delta_softplus)
+                states, y = _unpack_saved(saved, u, A, z, spec)
+                saved = ssmkit.ScanSaved(view(states, "saved", idx), spec,
+                                         None if y is None else view(y, "saved_y", idx))
             grads = ssmkit.selective_scan_bwd(v[9], *v[:5], D=v[5], z=v[6], delta_bias=v[7],
                                               delta_softplus=delta_softplus, initial_state=v[8], saved=saved,
                                               dlast_state=v[10])

@@ -71,8 +71,12 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, save):
     n = A.shape[1]
     out = u.new_empty((batch, dim, seqlen))
     last = A.new_empty((batch, dim, n))
-    if save and u.device.type != "cpu":     # CUDA (and meta): the chunk-boundary states
-        saved = A.new_empty((batch, dim, (seqlen + SAVE_EVERY - 1) // SAVE_EVERY, n))
+    if save and u.device.type != "cpu":     # CUDA (and meta): the chunk-boundary states, as bytes,
+        # followed by the un-gated output when z is given (see _impl.ss_saved_tensor)
+        nbytes = batch * dim * ((seqlen + SAVE_EVERY - 1) // SAVE_EVERY) * n * A.element_size()
+        if z is not None:
+            nbytes += batch * dim * seqlen * u.element_size()
+        saved = u.new_empty((nbytes,), dtype=torch.uint8)
     else:
         saved = _empty(A)
     return out, last, saved
