@@ -327,7 +327,7 @@ def test_host_fwd_channel_first(fake_device):
     assert (prm["out_b"], prm["out_d"], prm["out_l"]) == (D * L, L, 1)
     assert (prm["fin_b"], prm["fin_d"], prm["fin_k"]) == (D * (W - 1), W - 1, 1)
     assert prm["x_vec"] == 1 and prm["out_vec"] == 1 and prm["seq_vec"] == 1 and prm["silu"] == 1
-    assert prm["n_seg"] == -(-L // 512) and prm["n_dgroups"] == -(-D // 4)
+    assert prm["n_seg"] == -(-L // (32 * op._cf_fwd_items(2))) and prm["n_dgroups"] == -(-D // 4)
     assert grid == (B * prm["n_seg"] * prm["n_dgroups"], 1, 1) and block == (128, 1, 1)
     assert out.shape == (B, D, L) and out.flags.c_contiguous and fin.shape == (B, D, W - 1)
     # same signature, new buffers: cache hit, new pointers
