@@ -158,7 +158,7 @@ template <typename T> struct ConvTraits {
     // of bf16, 16 of fp32, 8 of fp64). With 32 bytes per lane the forward reached only ~2.1 TB/s
     // in bf16 (48% of the copy rate; 0.82-0.97x upstream). kItems >= 8 > W-1, so a lane's halo
     // always lies within the previous lane.
-    static constexpr int kFwdItems = 64 / sizeof(T);
+    static constexpr int kFwdItems = sizeof(T) == 4 ? 8 : 64 / sizeof(T);
     // Channel-first backward: 8 steps per lane (x and dout: 16 bytes each for 16-bit types);
     // 16 bf16 steps would need ~150 registers (x, dout, dpre and seq windows).
     static constexpr int kBwdItems = 8;

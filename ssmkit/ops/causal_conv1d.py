@@ -68,7 +68,7 @@ _REDUCE_THREADS = 256          # kConvReduceThreads
 
 
 def _cf_fwd_items(itemsize: int) -> int:    # ConvTraits::kFwdItems
-    return 64 // itemsize
+    return 8 if itemsize == 4 else 64 // itemsize
 
 
 def _cl_vec(itemsize: int) -> int:          # ConvTraits::kVec (8-byte vectors)
