@@ -71,6 +71,15 @@ def _cf_fwd_items(itemsize: int) -> int:    # ConvTraits::kFwdItems
     return 8 if itemsize == 4 else 64 // itemsize
 
 
+def _with_ptrs(vals: list, index: dict, **arrays) -> list:
+    """A copy of a prepared field list with the device pointers of the given arrays (None: 0)."""
+    v = vals.copy()
+    for name, a in arrays.items():
+        if a is not None:
+            v[index[name]] = a.data.ptr
+    return v
+
+
 def _cl_vec(itemsize: int) -> int:          # ConvTraits::kVec (8-byte vectors)
     return 8 // itemsize
 
@@ -409,19 +418,8 @@ class _FwdPlan:
             if perm is not None:
                 out = out.transpose(perm)
         fin = cupy.empty(self.fin_shape, self.dtype) if self.rfs else None
-        v = self.vals.copy()
-        I = self.I
-        v[I["x"]] = x.data.ptr
-        v[I["weight"]] = weight.data.ptr
-        if bias is not None:
-            v[I["bias"]] = bias.data.ptr
-        if seq_idx is not None:
-            v[I["seq_idx"]] = seq_idx.data.ptr
-        if initial_states is not None:
-            v[I["initial_states"]] = initial_states.data.ptr
-        v[I["out"]] = out.data.ptr
-        if fin is not None:
-            v[I["final_states"]] = fin.data.ptr
+        v = _with_ptrs(self.vals, self.I, x=x, weight=weight, bias=bias, seq_idx=seq_idx,
+                       initial_states=initial_states, out=out, final_states=fin)
         self.kernel(self.grid, self.block, (_PACK_FWD.pack(v),))
         return (out, fin) if self.rfs else out
 
@@ -533,22 +531,9 @@ class _BwdPlan:
         dbias = None if self.bdtype is None else cupy.empty((D,), self.bdtype)
         dinit = cupy.empty((B, D, W - 1), self.dtype) if self.has_init else None
         ws = cupy.empty((self.P, D, W + 1), self.acc)
-        v = self.vals.copy()
-        I = self.I
-        v[I["x"]] = x.data.ptr
-        v[I["weight"]] = weight.data.ptr
-        if bias is not None:
-            v[I["bias"]] = bias.data.ptr
-        v[I["dout"]] = dout.data.ptr
-        if seq_idx is not None:
-            v[I["seq_idx"]] = seq_idx.data.ptr
-        if initial_states is not None:
-            v[I["initial_states"]] = initial_states.data.ptr
-            v[I["dinitial_states"]] = dinit.data.ptr
-        if dfinal_states is not None:
-            v[I["dfinal_states"]] = dfinal_states.data.ptr
-        v[I["dx"]] = dx.data.ptr
-        v[I["partials"]] = ws.data.ptr
+        v = _with_ptrs(self.vals, self.I, x=x, weight=weight, bias=bias, dout=dout, seq_idx=seq_idx,
+                       initial_states=initial_states, dinitial_states=dinit if initial_states is not None else None,
+                       dfinal_states=dfinal_states, dx=dx, partials=ws)
         self.kernel(self.grid, (_THREADS, 1, 1), (_PACK_BWD.pack(v),))
         r = self.rvals.copy()
         r[self.RI["partials"]] = ws.data.ptr
