@@ -167,8 +167,8 @@ __device__ __forceinline__ void store_steps(T* row, int64_t stride, int64_t t0, 
     }
 }
 
-// Shared-memory tile of B or C values: kTileN rows of one chunk, each lane's kItems-long
-// segment padded by one 16-byte word so a quarter-warp's 16-byte reads hit distinct banks.
+// Shared-memory rows of per-lane segments (the backward's dB/dC slices): each lane's kItems-long
+// segment padded by one 16-byte word so a quarter-warp's 16-byte accesses hit distinct banks.
 template <typename S, int kItems> struct TileLayout {
     static constexpr int kPad = 16 / sizeof(S) > 0 ? 16 / sizeof(S) : 1;
     static constexpr int kSeg = kItems + kPad;
@@ -176,15 +176,6 @@ template <typename S, int kItems> struct TileLayout {
     __device__ __forceinline__ static int index(int j, int t) { return j * kRow + (t / kItems) * kSeg + (t % kItems); }
 };
 
-template <typename S, int kN>
-__device__ __forceinline__ void load_smem_seg(const S* p, S (&out)[kN]) {
-    const Vec<S, kN>* v = (const Vec<S, kN>*)p;
-    Vec<S, kN> tmp;
-#pragma unroll
-    for (int k = 0; k < int(kN * sizeof(S) / 16); ++k) tmp.w[k] = v->w[k];
-#pragma unroll
-    for (int i = 0; i < kN; ++i) out[i] = tmp.e[i];
-}
 
 // Delta after bias and softplus, from the raw delta value.
 template <typename R> __device__ __forceinline__ R delta_eff(R raw, R bias, int softplus_on) {
