@@ -86,3 +86,11 @@ def backend_of(op: str, named: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def is_complex(x) -> bool:
     return dtype_name(x) in COMPLEX_NAMES
+
+
+def check_current_device(op: str, named: dict, device: int) -> None:
+    """Every CuPy array in ``named`` must live on ``device`` (the current one): kernels launch there."""
+    for name, a in named.items():
+        if a is not None and a.device.id != device:
+            raise ValueError(f"{op}: argument '{name}' is on cuda:{a.device.id} but the current device is "
+                             f"cuda:{device}; call under `with cupy.cuda.Device({a.device.id}):`")

@@ -7,6 +7,8 @@ launch. Any argument that is not a ``cupy.ndarray`` takes the full (validating) 
 """
 from __future__ import annotations
 
+import sys
+
 _cupy_ndarray = None
 
 
@@ -14,7 +16,7 @@ class _NoCupy:  # stands in for cupy.ndarray where CuPy is not installed: nothin
     pass
 
 
-def _ndarray_type():
+def ndarray_type():
     global _cupy_ndarray
     if _cupy_ndarray is None:
         try:
@@ -26,10 +28,19 @@ def _ndarray_type():
     return _cupy_ndarray
 
 
+def loaded_ndarray_type():
+    """cupy.ndarray if CuPy is already imported, else None: a fast type test for hot paths that
+    must not pay CuPy's import on NumPy inputs."""
+    if _cupy_ndarray is not None:
+        return None if _cupy_ndarray is _NoCupy else _cupy_ndarray
+    mod = sys.modules.get("cupy")
+    return ndarray_type() if mod is not None and hasattr(mod, "ndarray") else None
+
+
 def layout_key(arrays, flags: tuple):
     """(key, ptrs) for CuPy arrays (None entries allowed), or (None, None) if any argument is
     not a cupy.ndarray. About 0.7 us per array."""
-    nd = _cupy_ndarray or _ndarray_type()
+    nd = _cupy_ndarray or ndarray_type()
     key = list(flags)
     ptrs = []
     add_key, add_ptr = key.append, ptrs.append

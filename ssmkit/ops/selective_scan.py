@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._arrays import CUPY, backend_of, dtype_name
+from .._arrays import CUPY, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef
 from .._launch import prepare
 from .._plan import PlanCache, layout_key
@@ -291,11 +291,7 @@ _BWD_PLANS = PlanCache()
 def _check_device(arrays: dict) -> None:
     import cupy
 
-    dev = cupy.cuda.runtime.getDevice()
-    for name, a in arrays.items():
-        if a is not None and a.device.id != dev:
-            raise ValueError(f"{OP}: argument '{name}' is on cuda:{a.device.id} but the current device "
-                             f"is cuda:{dev}; call under `with cupy.cuda.Device({a.device.id}):`")
+    check_current_device(OP, arrays, cupy.cuda.runtime.getDevice())
 
 
 class _FwdPlan:

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._arrays import CUPY, FLOAT_NAMES, backend_of, dtype_name
+from .._arrays import CUPY, FLOAT_NAMES, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef, get_kernel
 from .._launch import MAX_GRID_X
 from .._params import Params
-from .._plan import layout_key
+from .._plan import layout_key, loaded_ndarray_type, ndarray_type
 from .._registry import register
 from .._validate import check_array, check_flag, check_ndim, check_same_dtype
 
@@ -374,18 +374,6 @@ def _call(kernel, grid, block, prm: np.ndarray) -> None:
 
 _CACHE: dict[tuple, _Prepared] = {}
 _CACHE_MAX = 256
-_cupy_ndarray = None
-
-
-def _ndarray_type():
-    global _cupy_ndarray
-    if _cupy_ndarray is None:
-        import cupy
-
-        _cupy_ndarray = cupy.ndarray
-    return _cupy_ndarray
-
-
 def _layout_key(arrays, dt_softplus, device):
     """(key, ptrs) for CuPy arrays, or (None, None) when some argument is not a cupy.ndarray
     (see ``ssmkit._plan.layout_key``: shapes, strides, dtypes, devices, alignment, flags)."""
@@ -422,10 +410,7 @@ def _run_cupy(arrays, dt_softplus):
 
 
 def _check_device(arrays, device: int) -> None:
-    for name, a in zip(ARG_NAMES, arrays):
-        if a is not None and a.device.id != device:
-            raise ValueError(f"{OP}: argument '{name}' is on cuda:{a.device.id} but the current device is "
-                             f"cuda:{device}; call under `with cupy.cuda.Device({a.device.id}):`")
+    check_current_device(OP, dict(zip(ARG_NAMES, arrays)), device)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
@@ -459,7 +444,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     ``SelectiveStateUpdatePlan``.
     """
     arrays = (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out)
-    nd = _cupy_ndarray
+    nd = loaded_ndarray_type()
     if nd is not None and type(state) is nd:
         return _run_cupy(arrays, dt_softplus)
     backend, named = backend_of(OP, dict(zip(ARG_NAMES, arrays)))
@@ -587,7 +572,7 @@ class SelectiveStateUpdatePlan:
                 sig = self._sigs[i]
                 if sig is None:
                     raise ValueError(f"{OP}: plan was built without '{name}'; build a new plan to add it")
-                if type(a) is not _ndarray_type():
+                if type(a) is not ndarray_type():
                     raise TypeError(f"{OP}: argument '{name}' must be a cupy.ndarray, got {type(a).__name__}")
                 got = (a.shape, a.strides, a.dtype, a.device.id)
                 if got != sig:
@@ -605,16 +590,3 @@ class SelectiveStateUpdatePlan:
 
 
 selective_state_update.plan = SelectiveStateUpdatePlan  # type: ignore[attr-defined]
-
-
-def _set_ndarray_type_if_imported() -> None:
-    """Bind cupy.ndarray for the fast type test when CuPy is already imported (no import cost)."""
-    import sys
-
-    global _cupy_ndarray
-    mod = sys.modules.get("cupy")
-    if mod is not None and hasattr(mod, "ndarray"):
-        _cupy_ndarray = mod.ndarray
-
-
-_set_ndarray_type_if_imported()
