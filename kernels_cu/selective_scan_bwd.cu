@@ -20,17 +20,11 @@
 
 namespace ssm {
 
-// Prefetching state n+1's B/C rows measured no faster (1.826 vs 1.830 ms at b8 d1536 l2048
-// n16 bf16) and costs registers: off by default.
-#ifndef SSMKIT_BWD_PREFETCH
-#define SSMKIT_BWD_PREFETCH 0
-#endif
-constexpr bool kBwdPrefetch = SSMKIT_BWD_PREFETCH;   // see bwd_chunk
 constexpr int kBwdItems = 8;                 // 32 x 8 = 256 = the forward's save spacing
 constexpr int kBwdChunk = 32 * kBwdItems;
-// Real fp32 state: blocks of up to 16 warps (half the dB/dC partials of 8), one per SM, so
-// registers cap at 128. Complex and fp64 values are twice as wide and spill kilobytes under
-// that cap: up to 8 warps, up to 255 registers. Mirrored by the host (bwd_warps).
+// Real fp32 state: a 512-thread bound caps registers at 128, so two 8-warp blocks share an SM
+// (the host launches 8 warps: 16-warp blocks, one per SM, were slower). Complex and fp64 values
+// are twice as wide and spill kilobytes under that cap: 256 threads, up to 255 registers.
 template <typename W> struct BwdMaxThreads { static constexpr int value = 512; };
 template <> struct BwdMaxThreads<double> { static constexpr int value = 256; };
 template <typename R> struct BwdMaxThreads<complex<R>> { static constexpr int value = 256; };
@@ -106,8 +100,9 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
         dD_lane += dy[i] * u[i];
     }
     typedef typename VarBC<In, W>::type BCs;
-    // Variable B/C rows of state n+1 load while state n computes: the warps of a block meet at
-    // a barrier every state, so an unhidden L2 round trip per state would stall them all.
+    // Variable B/C rows of state n, loaded at the top of its iteration. (Loading state n+1's rows
+    // during state n measured no faster, 1.826 vs 1.830 ms at b8 d1536 l2048 n16 bf16, and costs
+    // registers.)
     const BCs* bp = w.Bg;
     const BCs* cp = w.Cg;
     Vec<BCs, T> nb, nc;
@@ -117,19 +112,13 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     }
     for (int64_t n = 0; n < N; ++n) {
         S dh[T], h[T];      // the adjoint and the state at this warp's steps, for dB/dC
-        if (!kBwdPrefetch && active && n > 0) {
+        if (active && n > 0) {
             bp += p.B_n;
             cp += p.C_n;
             if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
             if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
         }
         const Vec<BCs, T> vb = nb, vc = nc;
-        if (kBwdPrefetch && active && n + 1 < N) {
-            bp += p.B_n;
-            cp += p.C_n;
-            if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
-            if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
-        }
         if (active) {
             const S Araw = w.A[n * p.A_n];
             const S A2 = prescale(Araw);

@@ -65,7 +65,7 @@ def compile_options() -> tuple[str, ...]:
     """Options for NVRTC, the architecture excepted (CuPy adds it; the offline check names it).
 
     ``SSMKIT_NVRTC_OPTIONS`` (space-separated) appends options, for tuning experiments
-    (e.g. ``-DSSMKIT_BWD_PREFETCH=0``); they enter CuPy's cache key like any option."""
+    (e.g. ``-DSSMKIT_BWD_MAX_THREADS=256``); they enter CuPy's cache key like any option."""
     extra = tuple(os.environ.get("SSMKIT_NVRTC_OPTIONS", "").split())
     return BASE_OPTIONS + (f"-I{kernels_dir()}", f"-DSSMKIT_SOURCES_HASH=0x{sources_hash()}ull") + extra
 

@@ -36,7 +36,6 @@ BWD_ITEMS = 8          # kBwdItems in selective_scan_bwd.cu
 # 512-thread block per SM idles at every per-state barrier: b8 d1536 l2048 n16 bf16 kernel
 # 1.80 ms with 16, 1.61 ms with 8 (two blocks per SM).
 WARPS_PER_BLOCK = 8
-WARPS_PER_BLOCK_BWD = 8
 SMEM_LIMIT = 227 * 1024  # sm_80/sm_90 opt-in limit; blocks shrink (fewer warps) above it
 
 
@@ -220,8 +219,6 @@ def _launch_shape(spec: SelectiveScanSpec, smem_fn) -> tuple[int, int, int]:
     cfg = spec.config
     dpg = spec.dim // spec.groups
     warps = WARPS_PER_BLOCK
-    if smem_fn is bwd_smem and spec.w_dtype == "float32":   # BwdMaxThreads in selective_scan_bwd.cu
-        warps = WARPS_PER_BLOCK_BWD
     while warps > 1 and (smem_fn(cfg, warps, spec.dstate) > SMEM_LIMIT or warps >= 2 * dpg):
         warps //= 2
     smem = smem_fn(cfg, warps, spec.dstate)
