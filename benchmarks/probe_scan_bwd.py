@@ -1,58 +1,82 @@
-"""Probe: where the selective-scan backward's time goes (for NOTES.md). Not a benchmark of record."""
+"""Probe: the selective-scan backward's three ways of summing variable dB/dC (for NOTES.md and
+for choosing ``ssmkit.ops.selective_scan.ATOMIC_MODE``). Not a benchmark of record.
+
+mode 0: deterministic per-block partials + a fold kernel; 1: block sum + fp32 atomics;
+2: per-warp fp32 atomics, no block barrier. Per anchor shape and dtype: the backward call and
+forward + backward as bench_selective_scan times them, and each atomic mode's largest dB/dC
+difference from mode 0 (relative to max |dB|).
+
+    python benchmarks/probe_scan_bwd.py [--out DIR] [--quick]
+"""
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cupy  # noqa: E402
-
-import ssmkit  # noqa: E402
-from benchmarks.bench_selective_scan import make  # noqa: E402
-from benchmarks.common import time_cuda  # noqa: E402
-from ssmkit.ops import selective_scan as op  # noqa: E402
+from benchmarks.bench_selective_scan import SHAPES, make  # noqa: E402
+from benchmarks.common import load_anchors, time_cuda  # noqa: E402
 
 
-def bwd_kernel_only(args, kw, det=False):
-    kw = dict(kw)
-    _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
-    dout = cupy.ones_like(args["u"])
-    ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved)
-    plan = next(reversed(op._BWD_PLANS.values()))
-    captured = {}
-    orig = plan.launch
-    plan.launch = lambda a: captured.setdefault("a", a) and orig(a)
-    ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved)
-    plan.launch = orig
-    a = captured["a"]
-    full = time_cuda(lambda: ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved), 3, 10)
-    return time_cuda(lambda: orig(a), 3, 10), full
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    import cupy
 
+    import ssmkit
+    from ssmkit.ops import selective_scan as op
 
-def main():
-    B, D, L = 8, 1536, 2048
-    for det in (True,):
+    anchors = load_anchors()
+    rows = []
+    for (B, D, L, N) in (SHAPES[:1] if a.quick else SHAPES):
         for dtype in ("bf16", "fp32"):
-            args, kw, _ = make(B, D, L, 16, dtype, True)
-            k, f = bwd_kernel_only(args, kw, det)
-            print(f"bwd {dtype} N=16 full deterministic={det}: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)
-    for dtype in ("bf16",):
-        for N, full in ((1, False),):
-            args, kw, _ = make(B, D, L, N, dtype, full)
-            k, f = bwd_kernel_only(args, kw)
-            print(f"bwd {dtype} N={N} full={full}: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)
-        args, kw, _ = make(B, D, L, 16, dtype, True)
-        args["B"] = cupy.ascontiguousarray(args["B"][0, 0, :, :1].repeat(D, axis=1).T.astype("float32"))
-        args["C"] = args["B"].copy()
-        k, f = bwd_kernel_only(args, kw)
-        print(f"bwd {dtype} N=16 constant B/C: kernel {k:.4f} ms, call {f:.4f} ms", flush=True)
-    if len(sys.argv) > 1:  # one launch for ncu
-        args, kw, _ = make(B, D, L, 16, "bf16", True)
-        _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
-        ssmkit.selective_scan_bwd(cupy.ones_like(args["u"]), **args, **kw, saved=saved)
-        cupy.cuda.runtime.deviceSynchronize()
+            args, kw, _ = make(B, D, L, N, dtype, True)
+            dout = cupy.random.default_rng(1).standard_normal((B, D, L), dtype=cupy.float32).astype(args["u"].dtype)
+            _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
+            name = f"b{B} d{D} l{L} n{N} {dtype}"
+            anchor = anchors.get(f"ss_fwdbwd {name}")
+            ref = None
+            for mode in (0, 1, 2):
+                det = mode == 0
+                op.ATOMIC_MODE = mode or 1
+                bwd = lambda: ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved, deterministic=det)  # noqa: E731
+
+                def fwdbwd():
+                    _, _, s = ssmkit.selective_scan_fwd(**args, **kw)
+                    return ssmkit.selective_scan_bwd(dout, **args, **kw, saved=s, deterministic=det)
+
+                g = bwd()
+                dB, dC = g[3].astype(cupy.float32), g[4].astype(cupy.float32)
+                if ref is None:
+                    ref = (dB, dC)
+                    diff = 0.0
+                else:
+                    diff = max(float(cupy.abs(x - r).max() / (cupy.abs(r).max() + 1e-30)) for x, r in zip((dB, dC), ref))
+                ok = all(bool(cupy.isfinite(x).all()) for x in (dB, dC))
+                t_bwd = time_cuda(bwd, 3, 15)
+                t_fb = time_cuda(fwdbwd, 3, 15)
+                r = {"name": name, "mode": mode, "bwd_ms": round(t_bwd, 4), "fwdbwd_ms": round(t_fb, 4),
+                     "anchor_ms": anchor, "ratio": round(anchor / t_fb, 3) if anchor else None,
+                     "dBdC_rel_diff_vs_mode0": diff, "finite": ok}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            del args, kw, dout, saved, ref
+            cupy.get_default_memory_pool().free_all_blocks()
+    op.ATOMIC_MODE = 2
+    print(f"\n{'row':28s} {'mode':>4s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
+    for r in rows:
+        print(f"{r['name']:28s} {r['mode']:4d} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
+              f"{(r['ratio'] or 0):6.3f} {r['dBdC_rel_diff_vs_mode0']:9.2e}")
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "probe_scan_bwd.json").write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

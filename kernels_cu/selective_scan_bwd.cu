@@ -12,10 +12,13 @@
 //        G_a = dh conj(h_{t-1});  ddelta += Re(G_a conj(A a)) + Re(dh conj(B u));
 //        dA += G_a delta conj(a);  du += Re(dh conj(delta B));  dB += dh delta u;
 //        dC += dy h (2 dy conj(h) for complex A).
-// Reductions are deterministic (no float atomics): variable dB/dC are summed over the block's
-// warps in a fixed order through shared memory and written as per-block partials
-// (B, G, blocks_per_group, N, L) that the host sums; dA, dD, ddelta_bias and constant dB/dC
-// are per-(b, d) partials that the host sums over b.
+// Variable dB/dC, three ways (p.bc_atomic, chosen by the host):
+//   0 (deterministic): summed over the block's warps in a fixed order through shared memory (one
+//     barrier per chunk and state) and written as per-block partials (B, G, blocks_per_group,
+//     N, L) that the host folds in index order: bitwise reproducible;
+//   1: the same block sum, then one fp32 atomic add per (l, n) into a zeroed (B, G, 1, N, L);
+//   2: every warp adds its own values atomically (16-byte vector reds on sm_90), no barrier.
+// dA, dD, ddelta_bias and constant dB/dC are per-(b, d) partials that the host sums over b.
 #include "selective_scan_common.cuh"
 
 namespace ssm {
@@ -43,6 +46,32 @@ __device__ __forceinline__ float conj_times(float dy, float h) { return dy * h; 
 __device__ __forceinline__ double conj_times(double dy, double h) { return dy * h; }
 template <typename R> __device__ __forceinline__ complex<R> conj_times(R dy, complex<R> h) {
     return {R(2) * dy * h.re, -R(2) * dy * h.im};   // dC = 2 dy conj(h)
+}
+
+// row[t0 + i] += v[i] for the steps inside [0, L), as relaxed fp32/fp64 atomics whose result is
+// unused (RED, fire-and-forget). On sm_90 a full fp32 chunk goes out as 16-byte vector reds: the
+// caller guarantees 16-byte alignment on the fast path (L % 4 == 0, t0 % 8 == 0).
+template <bool kFast, int T, typename S>
+__device__ __forceinline__ void red_steps(S* row, int64_t t0, int64_t L, const S (&v)[T]) {
+    typedef typename RealOf<S>::type R;
+    constexpr int kParts = sizeof(S) / sizeof(R);
+#if __CUDA_ARCH__ >= 900
+    if (kFast && IsSame<S, float>::value && T % 4 == 0) {
+        const float* f = (const float*)v;
+#pragma unroll
+        for (int k = 0; k < T / 4; ++k)
+            atomicAdd((float4*)(row + t0) + k, make_float4(f[4 * k], f[4 * k + 1], f[4 * k + 2], f[4 * k + 3]));
+        return;
+    }
+#endif
+#pragma unroll
+    for (int i = 0; i < T; ++i) {
+        if (!kFast && t0 + i >= L) continue;
+        const R* src = (const R*)&v[i];
+        R* dst = (R*)(row + t0 + i);
+#pragma unroll
+        for (int r = 0; r < kParts; ++r) atomicAdd(dst + r, src[r]);
+    }
 }
 
 // A warp's channel and its shared-memory slots, set up once.
@@ -193,7 +222,25 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
 #pragma unroll
             for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
         }
-        if (kVarB || kVarC) {
+        if ((kVarB || kVarC) && p.bc_atomic == 2) {
+            // Per-warp atomics: no block barrier per state (bc_atomic is block-uniform).
+            if (active) {
+                S* dBrow = (S*)p.dB_part + (w.part_row + n) * L;
+                S* dCrow = (S*)p.dC_part + (w.part_row + n) * L;
+                if (kVarB) {
+                    S v[T];
+#pragma unroll
+                    for (int i = 0; i < T; ++i) v[i] = dh[i] * (dl[i] * u[i]);
+                    red_steps<kFast>(dBrow, t0, L, v);
+                }
+                if (kVarC) {
+                    S v[T];
+#pragma unroll
+                    for (int i = 0; i < T; ++i) v[i] = conj_times(dy[i], h[i]);
+                    red_steps<kFast>(dCrow, t0, L, v);
+                }
+            }
+        } else if (kVarB || kVarC) {
             // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
             // then each thread sums the warps for its steps. Slices are double buffered by
             // state parity, so one barrier per state suffices. Each lane's 8 values go out as
@@ -228,8 +275,14 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
                 S acc = S(0);
 #pragma unroll 4
                 for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
-                S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part);
-                dst[(w.part_row + n) * L + tt] = acc;
+                S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part) + (w.part_row + n) * L + tt;
+                if (p.bc_atomic) {
+                    const R* src2 = (const R*)&acc;
+#pragma unroll
+                    for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, src2[r]);
+                } else {
+                    *dst = acc;
+                }
             }
             par ^= 1;
         }
@@ -300,7 +353,9 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
         w.Cc = (const S*)p.C + m.d * p.C_g;
         w.saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
         w.init = p.initial_state ? (const S*)p.initial_state + m.b * p.init_b + m.d * p.init_d : nullptr;
-        w.part_row = ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
+        // Atomic modes add every block of a group into one (N, L) slab.
+        w.part_row = p.bc_atomic ? (m.b * p.n_groups + m.g) * N
+                                 : ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
     }
     __syncwarp();
     for (int n = lane; n < N; n += 32) {

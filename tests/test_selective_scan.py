@@ -61,7 +61,7 @@ def cast_inputs(inputs: dict, in_dtype: str) -> dict:
     return out
 
 
-def run_both(inputs, in_dtype, want_grad, rng):
+def run_both(inputs, in_dtype, want_grad, rng, deterministic=None):
     host = cast_inputs(inputs, in_dtype)
     dev = {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in host.items()}
     ref_in = {k: (as64(v) if isinstance(v, np.ndarray) else v) for k, v in host.items()}
@@ -86,7 +86,7 @@ def run_both(inputs, in_dtype, want_grad, rng):
     dlast = rounded(dlast, host["A"].dtype.name)
     grads = ssmkit.selective_scan_bwd(to_device(dout), dev["u"], dev["delta"], dev["A"], dev["B"], dev["C"],
                                       delta_softplus=dev["delta_softplus"], saved=saved,
-                                      dlast_state=to_device(dlast), **kw)
+                                      dlast_state=to_device(dlast), deterministic=deterministic, **kw)
     sync_check()
     w = ref_bwd(as64(dout), ref_in["u"], ref_in["delta"], ref_in["A"], ref_in["B"], ref_in["C"],
                 delta_softplus=ref_in["delta_softplus"], dlast_state=as64(dlast),
@@ -257,6 +257,19 @@ def test_gpu_pinned(name, in_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ["L2049", "L4097", "N256", "complex_L600", "odd_D"])
+@pytest.mark.parametrize("in_dtype", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_gpu_backward_dbc_modes(name, in_dtype, mode, monkeypatch):
+    """Every way of summing variable dB/dC (deterministic partials, block sum + atomics,
+    per-warp atomics) matches the reference."""
+    monkeypatch.setattr(op, "ATOMIC_MODE", mode or 1)
+    spec = PINNED[name]
+    got, _, want = run_both(spec.build(), in_dtype, True, np.random.default_rng(9), deterministic=mode == 0)
+    check_backward(got, want, in_dtype, spec.complex_A)
+
+
+@pytest.mark.gpu
 def test_gpu_fast_decay_and_large_delta():
     spec = _pinned(batch=2, dim=5, seqlen=700, dstate=8)
     inputs = spec.build()
@@ -319,8 +332,8 @@ def test_gpu_backward_is_deterministic():
               initial_state=dev["initial_state"])
     _, _, saved = ssmkit.selective_scan_fwd(*args, **kw)
     dout = cupy.asarray(np.random.default_rng(0).standard_normal(host["u"].shape).astype(np.float32))
-    g1 = ssmkit.selective_scan_bwd(dout, *args, saved=saved, **kw)
-    g2 = ssmkit.selective_scan_bwd(dout, *args, saved=saved, **kw)
+    g1 = ssmkit.selective_scan_bwd(dout, *args, saved=saved, deterministic=True, **kw)
+    g2 = ssmkit.selective_scan_bwd(dout, *args, saved=saved, deterministic=True, **kw)
     sync_check()
     for name, a, b in zip(GRAD_NAMES, g1, g2):
         if a is not None:

@@ -710,6 +710,26 @@ def test_selective_scan_grads_vs_reference_gpu(kind, dtype):
 
 
 @gpu
+def test_deterministic_algorithms_give_bitwise_equal_grads_gpu():
+    """Under torch.use_deterministic_algorithms(True) the scan backward sums dB/dC in a fixed
+    order: two identical backward passes agree bit for bit (the default uses fp32 atomics)."""
+    p = _to(ss_problem("var", batch=2, dim=40, L=700, N=16), "cuda", torch.float32)
+    f, args = ss_call(p)
+    gy = torch.randn(2, 40, 700, device="cuda", dtype=torch.float32)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [torch.autograd.grad(f(*args)[0], args, gy) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for name, a, b in zip(ARGS9, *runs):
+        assert torch.equal(a, b), f"d{name} differs between two deterministic backward passes"
+    nondet = torch.autograd.grad(f(*args)[0], args, gy)
+    for name, a, b in zip(ARGS9, runs[0], nondet):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())), name
+
+
+@gpu
 @needs_host("causal_conv1d")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_causal_conv1d_grads_vs_reference_gpu(dtype):

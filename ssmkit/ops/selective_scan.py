@@ -36,6 +36,12 @@ BWD_ITEMS = 8          # kBwdItems in selective_scan_bwd.cu
 # 512-thread block per SM idles at every per-state barrier: b8 d1536 l2048 n16 bf16 kernel
 # 1.80 ms with 16, 1.61 ms with 8 (two blocks per SM).
 WARPS_PER_BLOCK = 8
+# How the non-deterministic backward sums variable dB/dC (bc_atomic in selective_scan_bwd.cu):
+# 1 = block sum + fp32 atomics, 2 = per-warp atomics with no block barrier. Chosen by measurement
+# (benchmarks/probe_scan_bwd.py; numbers in benchmarks/NOTES.md).
+ATOMIC_MODE = 2
+# Default of selective_scan_bwd(deterministic=None).
+DETERMINISTIC_DEFAULT = False
 SMEM_LIMIT = 227 * 1024  # sm_80/sm_90 opt-in limit; blocks shrink (fewer warps) above it
 
 
@@ -119,7 +125,7 @@ PARAMS = Params("ssm::SelectiveScanParams", [
                                "init_d", "init_n", "dout_b", "dout_d", "dout_l", "dlast_b",
                                "dlast_d", "dlast_n", "du_b", "du_d", "du_l", "ddelta_b", "ddelta_d",
                                "ddelta_l", "dz_b", "dz_d", "dz_l")],
-    ("delta_softplus", "int32_t"), ("vec_ok", "int32_t"),
+    ("delta_softplus", "int32_t"), ("vec_ok", "int32_t"), ("bc_atomic", "int32_t"),
 ])
 
 
@@ -456,29 +462,39 @@ class _BwdPlan:
         self.row = PARAMS.row(**f)
         self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states", "y_saved")]
         self.out_index = [PARAMS.index(n) for n in self._OUT_PTRS]
+        self.atomic_index = PARAMS.index("bc_atomic")
         self.launch = prepare(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps), shared_mem=smem)
 
-    def __call__(self, ptrs):
+    def __call__(self, ptrs, deterministic: bool):
         import cupy
 
+        spec = self.spec
+        atomic = 0 if deterministic or not (spec.var_b or spec.var_c) else ATOMIC_MODE
         row = self.row[:]
         for i, p in zip(self.ptr_index, ptrs):
             row[i] = p
+        row[self.atomic_index] = atomic
         outs = {}
         for name, i in zip(self._OUT_PTRS, self.out_index):
             sd = self.shapes[name]
-            if sd is not None:
-                outs[name] = cupy.empty(*sd)
-                row[i] = outs[name].data.ptr
-            else:
+            if sd is None:
                 outs[name] = None
+                continue
+            if atomic and name in ("dB_part", "dC_part") and len(sd[0]) == 5:
+                Bsz, G, _, N, L = sd[0]
+                outs[name] = cupy.zeros((Bsz, G, 1, N, L), sd[1])    # every block adds into one slab
+            else:
+                outs[name] = cupy.empty(*sd)
+            row[i] = outs[name].data.ptr
         self.launch((PARAMS.pack_row(row),))
-        spec = self.spec
         Bsz, Dsz, N, L, G = spec.batch, spec.dim, spec.dstate, spec.seqlen, spec.groups
 
         def fold(part, outer, shape, dtype):
             """Sum the partials' middle axis in a fixed order, cast to the input's dtype."""
-            return reduce_middle(part.reshape(outer, -1, int(np.prod(shape)) // outer), shape, dtype)
+            part = part.reshape(outer, -1, int(np.prod(shape)) // outer)
+            if part.shape[1] == 1 and part.dtype == dtype:
+                return part.reshape(shape)      # atomic slab already in the input's dtype
+            return reduce_middle(part, shape, dtype)
 
         dA = fold(outs["dA_part"], 1, (Dsz, N), self.A_dtype)
         dB = fold(outs["dB_part"], Bsz * G if spec.var_b else 1, self.B_shape, self.B_dtype)
@@ -490,23 +506,29 @@ class _BwdPlan:
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, initial_state=None, saved=None, dlast_state=None):
+                       delta_softplus=False, initial_state=None, saved=None, dlast_state=None,
+                       deterministic=None):
     """Gradients of the selective scan: returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
     dinitial_state), each in the shape and dtype of its input (None where the input was None).
 
     ``saved`` is the ScanSaved from ``selective_scan_fwd`` (required on CuPy inputs);
     ``dlast_state`` (B, D, N) is the gradient flowing into last_state, if any.
-    Deterministic: no floating-point atomics; every sum has a fixed order, so repeated calls
-    are bitwise identical. Temporary memory: variable dB/dC take per-block partials of
-    B * G * ceil(D / G / 16) * N * L * 4 bytes each (fp32), summed on the device.
+    ``deterministic``: None takes ``DETERMINISTIC_DEFAULT`` (False). With True, no floating-point
+    atomics: every sum has a fixed order, so repeated calls are bitwise identical; variable dB/dC
+    then take per-block partials of B * G * ceil(D / G / 8) * N * L * 4 bytes each (fp32),
+    folded on the device (cost: see benchmarks/NOTES.md). With False, variable dB/dC are added
+    with fp32 atomics into B * G * N * L * 4 bytes each: faster, but the last bits of dB/dC can
+    differ run to run. Every other gradient is deterministic either way.
     """
+    if deterministic is None:
+        deterministic = DETERMINISTIC_DEFAULT
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state, dout, dlast_state)
     states = getattr(saved, "states", None)
     ysaved = getattr(saved, "y", None)
     key, ptrs = layout_key(args + (states, ysaved), (delta_softplus,))
     plan = _BWD_PLANS.get(key) if key is not None else None
     if plan is not None and saved.spec == plan.spec:
-        return plan(ptrs)
+        return plan(ptrs, deterministic)
     backend, arr = backend_of(OP, dict(zip(_NAMES + ("dout", "dlast_state"), args)))
     spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
     check_array(OP, "dout", arr["dout"], (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.in_dtype,))
@@ -533,4 +555,4 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                                (delta_softplus,))
         _BWD_PLANS.put(key, plan)
     ptrs = [0 if arr[k] is None else arr[k].data.ptr for k in _NAMES + ("dout", "dlast_state")]
-    return plan(ptrs + [states.data.ptr, 0 if ysaved is None else ysaved.data.ptr])
+    return plan(ptrs + [states.data.ptr, 0 if ysaved is None else ysaved.data.ptr], deterministic)

@@ -144,9 +144,11 @@ def ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_
                 states, y = _unpack_saved(saved, u, A, z, spec)
                 saved = ssmkit.ScanSaved(view(states, "saved", idx), spec,
                                          None if y is None else view(y, "saved_y", idx))
+            # torch.use_deterministic_algorithms(True) selects the bitwise-reproducible dB/dC sums.
+            det = True if torch.are_deterministic_algorithms_enabled() else None
             grads = ssmkit.selective_scan_bwd(v[9], *v[:5], D=v[5], z=v[6], delta_bias=v[7],
                                               delta_softplus=delta_softplus, initial_state=v[8], saved=saved,
-                                              dlast_state=v[10])
+                                              dlast_state=v[10], deterministic=det)
             return tuple(to_torch(g) for g in grads)
     if has_bf16(args + (dout,)):
         _ss_mod.validate(*shadows(args[:7]), shadows((delta_bias,))[0], delta_softplus,
