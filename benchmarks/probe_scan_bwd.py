@@ -1,10 +1,10 @@
 """Probe: the selective-scan backward's three ways of summing variable dB/dC (for NOTES.md and
-for choosing ``ssmkit.ops.selective_scan.ATOMIC_MODE``). Not a benchmark of record.
+for choosing ``DETERMINISTIC_DEFAULT`` and ``BWD_STATES_PER_SYNC`` in ssmkit.ops.selective_scan). Not a benchmark of record.
 
-mode 0: deterministic per-block partials + a fold kernel; 1: block sum + fp32 atomics;
-2: per-warp fp32 atomics, no block barrier. Per anchor shape and dtype: the backward call and
-forward + backward as bench_selective_scan times them, and each atomic mode's largest dB/dC
-difference from mode 0 (relative to max |dB|).
+Modes: deterministic (fixed-order per-block partials + a fold kernel) or fp32 atomics, each with
+1 or 2 states per block barrier (``BWD_STATES_PER_SYNC``). Per anchor shape and dtype: the
+backward call and forward + backward as bench_selective_scan times them, and each mode's largest
+dB/dC difference from the first (relative to max |dB|).
 
     python benchmarks/probe_scan_bwd.py [--out DIR] [--quick]
 """
@@ -41,9 +41,9 @@ def main(argv=None) -> int:
             name = f"b{B} d{D} l{L} n{N} {dtype}"
             anchor = anchors.get(f"ss_fwdbwd {name}")
             ref = None
-            for mode in (0, 1, 2):
-                det = mode == 0
-                op.ATOMIC_MODE = mode or 1
+            for mode, (det, sync) in enumerate(((True, 1), (True, 2), (False, 1), (False, 2))):
+                op.BWD_STATES_PER_SYNC = sync
+                op._BWD_PLANS.clear()
                 bwd = lambda: ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved, deterministic=det)  # noqa: E731
 
                 def fwdbwd():
@@ -60,17 +60,18 @@ def main(argv=None) -> int:
                 ok = all(bool(cupy.isfinite(x).all()) for x in (dB, dC))
                 t_bwd = time_cuda(bwd, 3, 15)
                 t_fb = time_cuda(fwdbwd, 3, 15)
-                r = {"name": name, "mode": mode, "bwd_ms": round(t_bwd, 4), "fwdbwd_ms": round(t_fb, 4),
+                r = {"name": name, "mode": mode, "deterministic": det, "sync_states": sync, "bwd_ms": round(t_bwd, 4), "fwdbwd_ms": round(t_fb, 4),
                      "anchor_ms": anchor, "ratio": round(anchor / t_fb, 3) if anchor else None,
                      "dBdC_rel_diff_vs_mode0": diff, "finite": ok}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
             del args, kw, dout, saved, ref
             cupy.get_default_memory_pool().free_all_blocks()
-    op.ATOMIC_MODE = 2
-    print(f"\n{'row':28s} {'mode':>4s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
+    op.BWD_STATES_PER_SYNC = 2
+    op._BWD_PLANS.clear()
+    print(f"\n{'row':28s} {'det':>5s} {'sync':>4s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
     for r in rows:
-        print(f"{r['name']:28s} {r['mode']:4d} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
+        print(f"{r['name']:28s} {str(r['deterministic']):>5s} {r['sync_states']:4d} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
               f"{(r['ratio'] or 0):6.3f} {r['dBdC_rel_diff_vs_mode0']:9.2e}")
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

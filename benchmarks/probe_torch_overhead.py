@@ -139,6 +139,27 @@ def main(argv=None) -> int:
         orig_impl(dout, *ts, None, True, saved)
 
     say(f"  _impl fwd+bwd on the main thread   {per_call(impl_main_thread, n):9.1f}")
+    _, _, saved_main = _impl.ss_forward(*ts, None, True, True, False)
+    say(f"  _impl bwd only on the main thread  {per_call(lambda: orig_impl(dout, *ts, None, True, saved_main), n):9.1f}")
+
+    class Tiny(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    xt = torch.zeros(4, device=dev, requires_grad=True)
+    yt = Tiny.apply(xt)
+    say(f"  autograd.grad, trivial Function    {per_call(lambda: torch.autograd.grad(yt, xt, torch.ones_like(yt), retain_graph=True), n):9.1f}")
+    old_si = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        say(f"  autograd.grad only, switchinterval 1us {per_call(torch_grad_only, n):9.1f}")
+    finally:
+        sys.setswitchinterval(old_si)
 
     for label, fn, on_engine in (("torch autograd.grad (engine thread, backward body only)", torch_grad_only, True),
                                  ("cupy selective_scan_bwd (main thread)", cupy_bwd, False),

@@ -12,12 +12,12 @@
 //        G_a = dh conj(h_{t-1});  ddelta += Re(G_a conj(A a)) + Re(dh conj(B u));
 //        dA += G_a delta conj(a);  du += Re(dh conj(delta B));  dB += dh delta u;
 //        dC += dy h (2 dy conj(h) for complex A).
-// Variable dB/dC, three ways (p.bc_atomic, chosen by the host):
-//   0 (deterministic): summed over the block's warps in a fixed order through shared memory (one
-//     barrier per chunk and state) and written as per-block partials (B, G, blocks_per_group,
-//     N, L) that the host folds in index order: bitwise reproducible;
-//   1: the same block sum, then one fp32 atomic add per (l, n) into a zeroed (B, G, 1, N, L);
-//   2: every warp adds its own values atomically (16-byte vector reds on sm_90), no barrier.
+// Variable dB/dC are summed over the block's warps in a fixed order through shared memory (one
+// barrier per chunk and state), then either (p.bc_atomic = 0, deterministic) written as
+// per-block partials (B, G, blocks_per_group, N, L) that the host folds in index order, bitwise
+// reproducible, or (p.bc_atomic = 1, the default) added with one fp32 atomic per (l, n) into a
+// zeroed (B, G, 1, N, L): 4-8% faster fwd+bwd on the anchor rows, no fold pass, 1/blocks_per_group
+// of the memory. (Every warp adding its own values atomically, no barrier, was 1.5-1.8x slower.)
 // dA, dD, ddelta_bias and constant dB/dC are per-(b, d) partials that the host sums over b.
 #include "selective_scan_common.cuh"
 
@@ -25,6 +25,9 @@ namespace ssm {
 
 constexpr int kBwdItems = 8;                 // 32 x 8 = 256 = the forward's save spacing
 constexpr int kBwdChunk = 32 * kBwdItems;
+// Variable dB/dC: up to this many states' slices share one block barrier (p.sync_states, set by
+// the host: 2 where two blocks per SM still fit in shared memory, else 1; the host sizes shared
+// memory for p.sync_states groups: bwd_smem in ssmkit/ops/selective_scan.py).
 // Real fp32 state: a 512-thread bound caps registers at 128, so two 8-warp blocks share an SM
 // (the host launches 8 warps: 16-warp blocks, one per SM, were slower). Complex and fp64 values
 // are twice as wide and spill kilobytes under that cap: 256 threads, up to 255 registers.
@@ -46,32 +49,6 @@ __device__ __forceinline__ float conj_times(float dy, float h) { return dy * h; 
 __device__ __forceinline__ double conj_times(double dy, double h) { return dy * h; }
 template <typename R> __device__ __forceinline__ complex<R> conj_times(R dy, complex<R> h) {
     return {R(2) * dy * h.re, -R(2) * dy * h.im};   // dC = 2 dy conj(h)
-}
-
-// row[t0 + i] += v[i] for the steps inside [0, L), as relaxed fp32/fp64 atomics whose result is
-// unused (RED, fire-and-forget). On sm_90 a full fp32 chunk goes out as 16-byte vector reds: the
-// caller guarantees 16-byte alignment on the fast path (L % 4 == 0, t0 % 8 == 0).
-template <bool kFast, int T, typename S>
-__device__ __forceinline__ void red_steps(S* row, int64_t t0, int64_t L, const S (&v)[T]) {
-    typedef typename RealOf<S>::type R;
-    constexpr int kParts = sizeof(S) / sizeof(R);
-#if __CUDA_ARCH__ >= 900
-    if (kFast && IsSame<S, float>::value && T % 4 == 0) {
-        const float* f = (const float*)v;
-#pragma unroll
-        for (int k = 0; k < T / 4; ++k)
-            atomicAdd((float4*)(row + t0) + k, make_float4(f[4 * k], f[4 * k + 1], f[4 * k + 2], f[4 * k + 3]));
-        return;
-    }
-#endif
-#pragma unroll
-    for (int i = 0; i < T; ++i) {
-        if (!kFast && t0 + i >= L) continue;
-        const R* src = (const R*)&v[i];
-        R* dst = (R*)(row + t0 + i);
-#pragma unroll
-        for (int r = 0; r < kParts; ++r) atomicAdd(dst + r, src[r]);
-    }
 }
 
 // A warp's channel and its shared-memory slots, set up once.
@@ -222,33 +199,19 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
 #pragma unroll
             for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
         }
-        if ((kVarB || kVarC) && p.bc_atomic == 2) {
-            // Per-warp atomics: no block barrier per state (bc_atomic is block-uniform).
-            if (active) {
-                S* dBrow = (S*)p.dB_part + (w.part_row + n) * L;
-                S* dCrow = (S*)p.dC_part + (w.part_row + n) * L;
-                if (kVarB) {
-                    S v[T];
-#pragma unroll
-                    for (int i = 0; i < T; ++i) v[i] = dh[i] * (dl[i] * u[i]);
-                    red_steps<kFast>(dBrow, t0, L, v);
-                }
-                if (kVarC) {
-                    S v[T];
-#pragma unroll
-                    for (int i = 0; i < T; ++i) v[i] = conj_times(dy[i], h[i]);
-                    red_steps<kFast>(dCrow, t0, L, v);
-                }
-            }
-        } else if (kVarB || kVarC) {
-            // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
-            // then each thread sums the warps for its steps. Slices are double buffered by
-            // state parity, so one barrier per state suffices. Each lane's 8 values go out as
-            // 16-byte stores into a row padded by 16 bytes per lane (TileLayout): conflict-free.
-            // (Scalar stores at a lane stride of 8 words were 8-way bank conflicts: the
-            // variable-B/C backward took 2.0 ms against 1.0 ms for constant B/C.)
+        if (kVarB || kVarC) {
+            // Fixed-order sum over the block's warps: write this warp's slice, and after every
+            // p.sync_states states one barrier, then each thread sums the warps for its steps
+            // of those states. Slice groups are double buffered (par), so one barrier per group
+            // suffices. Each lane's 8 values go out as 16-byte stores into a row padded by 16
+            // bytes per lane (TileLayout): conflict-free. (Scalar stores at a lane stride of 8
+            // words were 8-way bank conflicts: the variable-B/C backward took 2.0 ms against
+            // 1.0 ms for constant B/C.)
             typedef TileLayout<S, T> Slice;
-            S* sl = w.slices + par * 2 * warps * Slice::kRow;
+            const int sync_states = p.sync_states;
+            const int slot = int(n % sync_states);
+            S* group = w.slices + par * sync_states * 2 * warps * Slice::kRow;
+            S* sl = group + slot * 2 * warps * Slice::kRow;
             if (kVarB) {
                 Vec<S, T> v;
 #pragma unroll
@@ -265,26 +228,29 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
 #pragma unroll
                 for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
             }
-            __syncthreads();
-            for (int e = tid; e < 2 * kBwdChunk; e += nthreads) {
-                const int which = e / kBwdChunk, t = e % kBwdChunk;
-                if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-                const int64_t tt = c0 + t;
-                if (!kFast && tt >= L) continue;
-                const S* src = sl + which * warps * Slice::kRow + Slice::index(0, t);
-                S acc = S(0);
+            if (slot == sync_states - 1 || n == N - 1) {
+                __syncthreads();
+                const int64_t n0 = n - slot;
+                for (int e = tid; e < (slot + 1) * 2 * kBwdChunk; e += nthreads) {
+                    const int st = e / (2 * kBwdChunk), which = (e / kBwdChunk) & 1, t = e % kBwdChunk;
+                    if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                    const int64_t tt = c0 + t;
+                    if (!kFast && tt >= L) continue;
+                    const S* src = group + (st * 2 + which) * warps * Slice::kRow + Slice::index(0, t);
+                    S acc = S(0);
 #pragma unroll 4
-                for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
-                S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part) + (w.part_row + n) * L + tt;
-                if (p.bc_atomic) {
-                    const R* src2 = (const R*)&acc;
+                    for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
+                    S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part) + (w.part_row + n0 + st) * L + tt;
+                    if (p.bc_atomic) {
+                        const R* src2 = (const R*)&acc;
 #pragma unroll
-                    for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, src2[r]);
-                } else {
-                    *dst = acc;
+                        for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, src2[r]);
+                    } else {
+                        *dst = acc;
+                    }
                 }
+                par ^= 1;
             }
-            par ^= 1;
         }
     }
     if (active) {
@@ -329,9 +295,10 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     __shared__ BwdWarp<In, W> warp_state[BwdMaxThreads<W>::value / 32];
     BwdWarp<In, W>& w = warp_state[warp];
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = (S*)smem_raw + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // after the padded slices
+    S* per_warp = (S*)smem_raw + (n_var ? 2 * p.sync_states * 2 * warps * TileLayout<S, kBwdItems>::kRow
+                                        : 0);   // after the padded slices
     if (lane == 0) {   // one writer per field; the warp reads them after the __syncwarp below
-        w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
+        w.slices = (S*)smem_raw;                         // [2 par][sync_states][2 B/C][warps][chunk]
         w.dX = per_warp + warp * N;                                     // adjoint carry per state
         w.dA_acc = per_warp + (warps + warp) * N;
         w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
@@ -353,7 +320,7 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
         w.Cc = (const S*)p.C + m.d * p.C_g;
         w.saved = (const S*)p.saved_states + (m.b * p.dim + m.d) * p.n_saved * N;
         w.init = p.initial_state ? (const S*)p.initial_state + m.b * p.init_b + m.d * p.init_d : nullptr;
-        // Atomic modes add every block of a group into one (N, L) slab.
+        // Atomic mode: every block of a group adds into one (N, L) slab.
         w.part_row = p.bc_atomic ? (m.b * p.n_groups + m.g) * N
                                  : ((m.b * p.n_groups + m.g) * p.blocks_per_group + blk_k) * N;
     }

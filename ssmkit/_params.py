@@ -27,8 +27,10 @@ _STRUCT = {"ptr": "Q", "int64_t": "q", "int32_t": "i", "float": "f", "double": "
 class Params:
     """A C struct mirror. ``fields`` is a list of (name, ctype) in declaration order."""
 
-    def __init__(self, c_name: str, fields: list[tuple[str, str]]):
+    def __init__(self, c_name: str, fields: list[tuple[str, str]], c_names: dict | None = None):
+        """``c_names``: C spellings of fields that are array elements ({"part0": "part[0]"})."""
         self.c_name = c_name
+        self.c_names = c_names or {}
         self.fields = fields
         self.names = [n for n, _ in fields]
         self.dtype = np.dtype([(n, CTYPES[t]) for n, t in fields], align=True)
@@ -73,7 +75,7 @@ class Params:
         for n in self.names:
             off = self.dtype.fields[n][1]
             # __INTADDR__ rather than __builtin_offsetof: NVRTC 13.0 (CI's pin) lacks the latter.
-            lines.append(f"static_assert(__INTADDR__(&((({self.c_name}*)0)->{n})) == {off}, "
+            lines.append(f"static_assert(__INTADDR__(&((({self.c_name}*)0)->{self.c_names.get(n, n)})) == {off}, "
                          f"\"offset {self.c_name}.{n}\");")
         return "\n".join(lines)
 

@@ -8,6 +8,7 @@ real/imaginary interleaving along L) and reads out y = 2 Re(sum_n C h).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from .._arrays import CUPY, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef
 from .._launch import prepare
 from .._plan import PlanCache, layout_key
-from .reduce_partials import reduce_middle
+from .reduce_partials import FoldPlan
 from .._params import Params, ptr, strides_elems
 from .._registry import register
 from .._validate import check_array, check_flag, check_ndim, check_range
@@ -31,16 +32,18 @@ MAX_N = 2048           # bounded only by shared memory: 4 N state values per war
 
 SAVE_EVERY = 256       # kSaveEvery in selective_scan_fwd.cu: saved-state spacing = backward chunk
 BWD_ITEMS = 8          # kBwdItems in selective_scan_bwd.cu
+# Backward, variable dB/dC: states whose slices are summed after one block barrier (sync_states
+# in selective_scan_bwd.cu), when two blocks per SM still fit in shared memory (SMEM_TWO_BLOCKS).
+BWD_STATES_PER_SYNC = 2
+SMEM_TWO_BLOCKS = 110 * 1024
 # 8 channels (warps) per block: the warps of a block read the same variable B/C rows, so 7 of
 # 8 reads hit L1. The backward with 16 warps per block halves its dB/dC partials but one
 # 512-thread block per SM idles at every per-state barrier: b8 d1536 l2048 n16 bf16 kernel
 # 1.80 ms with 16, 1.61 ms with 8 (two blocks per SM).
 WARPS_PER_BLOCK = 8
-# How the non-deterministic backward sums variable dB/dC (bc_atomic in selective_scan_bwd.cu):
-# 1 = block sum + fp32 atomics, 2 = per-warp atomics with no block barrier. Chosen by measurement
-# (benchmarks/probe_scan_bwd.py; numbers in benchmarks/NOTES.md).
-ATOMIC_MODE = 2
-# Default of selective_scan_bwd(deterministic=None).
+# Default of selective_scan_bwd(deterministic=None). False: variable dB/dC are added with fp32
+# atomics (block sums, one atomic per (l, n) per block), 4-8% faster fwd+bwd than the fixed-order
+# partials on the anchor rows (benchmarks/probe_scan_bwd.py, NOTES.md).
 DETERMINISTIC_DEFAULT = False
 SMEM_LIMIT = 227 * 1024  # sm_80/sm_90 opt-in limit; blocks shrink (fewer warps) above it
 
@@ -85,11 +88,12 @@ def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     return warps * N * _ITEMSIZE[cfg.w_dtype]
 
 
-def bwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
+def bwd_smem(cfg: KernelConfig, warps: int, N: int, sync_states: int = 1) -> int:
     """Bytes of dynamic shared memory, mirroring the layout in selective_scan_bwd.cu."""
     s = _ITEMSIZE[cfg.w_dtype]
     n_var = int(cfg.var_b) + int(cfg.var_c)
-    slices = (2 * 2 * warps * 32 * (BWD_ITEMS + 16 // s) * s) if n_var else 0   # padded rows
+    pad = max(16 // s, 1)
+    slices = (2 * sync_states * 2 * warps * 32 * (BWD_ITEMS + pad) * s) if n_var else 0   # padded rows
     per_warp = warps * N * s * (2 + (not cfg.var_b) + (not cfg.var_c))
     return slices + per_warp
 
@@ -126,6 +130,7 @@ PARAMS = Params("ssm::SelectiveScanParams", [
                                "dlast_d", "dlast_n", "du_b", "du_d", "du_l", "ddelta_b", "ddelta_d",
                                "ddelta_l", "dz_b", "dz_d", "dz_l")],
     ("delta_softplus", "int32_t"), ("vec_ok", "int32_t"), ("bc_atomic", "int32_t"),
+    ("sync_states", "int32_t"),
 ])
 
 
@@ -423,6 +428,70 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return o, last, ScanSaved(states, spec, y)
 
 
+def _carve(mem, layout):
+    """Arrays over one allocation: ``layout`` is [(shape, dtype, byte offset)]."""
+    import cupy
+
+    return [cupy.ndarray(shape, dt, memptr=mem + off) for shape, dt, off in layout]
+
+
+def _layout(items, align: int = 256):
+    """Byte offsets packing ``items`` [(shape, dtype)] into one allocation; returns (layout, bytes)."""
+    out, off = [], 0
+    for shape, dt in items:
+        out.append((shape, dt, off))
+        off += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // align) * align
+    return out, max(off, align)
+
+
+class _BwdMode:
+    """One way of summing variable dB/dC (atomic or not) for a backward plan: the temporaries'
+    layout and the folds that turn them into dA, dB, dC, dD, ddelta_bias."""
+
+    def __init__(self, plan: "_BwdPlan", atomic: int):
+        spec = plan.spec
+        Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
+        wdt, real_w = spec.w_dtype, weight_dtypes(spec.in_dtype)[0]
+        bpg = 1 if atomic else plan.bpg
+        self.atomic = atomic
+        # Small per-(b, d) partials share one allocation; variable dB/dC partials another (zeroed
+        # in one memset when the kernel adds into them atomically).
+        small = [("dA_part", (Bsz, Dsz, N), wdt)]
+        var = []
+        for name, is_var in (("dB_part", spec.var_b), ("dC_part", spec.var_c)):
+            (var if is_var else small).append((name, (Bsz, G, bpg, N, L) if is_var else (Bsz, Dsz, N), wdt))
+        if spec.has_D:
+            small.append(("dD_part", (Bsz, Dsz), real_w))
+        if spec.has_delta_bias:
+            small.append(("ddelta_bias_part", (Bsz, Dsz), real_w))
+        self.small_names = [n for n, _, _ in small]
+        self.small_layout, self.small_bytes = _layout([(sh, dt) for _, sh, dt in small])
+        self.var_names = [n for n, _, _ in var]
+        self.var_layout, self.var_bytes = _layout([(sh, dt) for _, sh, dt in var]) if var else ([], 0)
+        self.slot = {n: plan.out_slot[n] for n in self.small_names + self.var_names}
+        # Folds: (gradient, partial, (outer, K, inner), out shape, out dtype); a single-partial
+        # fold in the output's dtype is a view, the rest go to one FoldPlan launch.
+        folds = [("dA", "dA_part", Bsz, (Dsz, N), plan.A_dtype)]
+        for g, part, is_var, shape, dt in (("dB", "dB_part", spec.var_b, plan.B_shape, plan.B_dtype),
+                                           ("dC", "dC_part", spec.var_c, plan.C_shape, plan.C_dtype)):
+            folds.append((g, part, bpg if is_var else Bsz, shape, dt))
+        if spec.has_D:
+            folds.append(("dD", "dD_part", Bsz, (Dsz,), real_w))
+        if spec.has_delta_bias:
+            folds.append(("ddelta_bias", "ddelta_bias_part", Bsz, (Dsz,), real_w))
+        self.views, self.kernel_folds = [], []
+        for g, part, K, shape, dt in folds:
+            size = int(np.prod(shape))
+            outer = Bsz * G if part in self.var_names else 1      # variable: per (b, g) rows
+            part_dt = real_w if part in ("dD_part", "ddelta_bias_part") else wdt
+            if K == 1 and np.dtype(part_dt) == np.dtype(dt):
+                self.views.append((g, part, shape))
+            else:
+                self.kernel_folds.append((g, part, (outer, K, size // outer), part_dt, shape, dt))
+        self.fold = FoldPlan([(three, part_dt, dt) for _, _, three, part_dt, _, dt in self.kernel_folds]
+                             ) if self.kernel_folds else None
+
+
 class _BwdPlan:
     """A validated backward layout: allocates the gradients and launches with pointers only."""
 
@@ -432,26 +501,26 @@ class _BwdPlan:
     def __init__(self, spec: SelectiveScanSpec, arrays: dict):
         self.spec = spec
         Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
-        warps, bpg, smem = _launch_shape(spec, bwd_smem)
+        sync = BWD_STATES_PER_SYNC if (spec.var_b or spec.var_c) else 1
+        warps, bpg, smem = _launch_shape(spec, functools.partial(bwd_smem, sync_states=sync))
+        if sync > 1 and smem > SMEM_TWO_BLOCKS:     # keep two blocks per SM: one state per barrier
+            sync = 1
+            warps, bpg, smem = _launch_shape(spec, bwd_smem)
+        self.bpg = bpg
         self.in_dtype = arrays["u"].dtype
-        wdt, real_w = spec.w_dtype, weight_dtypes(spec.in_dtype)[0]
+        wdt = spec.w_dtype
         act = (Bsz, Dsz, L)
-        self.shapes = {
-            "du": (act, self.in_dtype), "ddelta": (act, self.in_dtype),
-            "dz": (act, self.in_dtype) if spec.has_z else None,
-            "dinitial_state": ((Bsz, Dsz, N), wdt) if spec.has_initial else None,
-            "dA_part": ((Bsz, Dsz, N), wdt),
-            "dB_part": ((Bsz, G, bpg, N, L) if spec.var_b else (Bsz, Dsz, N), wdt),
-            "dC_part": ((Bsz, G, bpg, N, L) if spec.var_c else (Bsz, Dsz, N), wdt),
-            "dD_part": ((Bsz, Dsz), real_w) if spec.has_D else None,
-            "ddelta_bias_part": ((Bsz, Dsz), real_w) if spec.has_delta_bias else None,
-        }
+        # Returned as they are: one allocation each.
+        self.direct = [(n, sh, dt) for n, sh, dt in (
+            ("du", act, self.in_dtype), ("ddelta", act, self.in_dtype),
+            ("dz", act, self.in_dtype) if spec.has_z else (None, None, None),
+            ("dinitial_state", (Bsz, Dsz, N), wdt) if spec.has_initial else (None, None, None)) if n]
         self.B_shape, self.C_shape = arrays["B"].shape, arrays["C"].shape
         self.B_dtype, self.C_dtype, self.A_dtype = arrays["B"].dtype, arrays["C"].dtype, arrays["A"].dtype
         f = _common_fields(spec, *(arrays[k] for k in _NAMES))
         sdo = strides_elems(arrays["dout"])
         c = (Dsz * L, L, 1)
-        f.update(blocks_per_group=bpg, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
+        f.update(blocks_per_group=bpg, sync_states=sync, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
                  du_b=c[0], du_d=c[1], du_l=c[2], ddelta_b=c[0], ddelta_d=c[1], ddelta_l=c[2],
                  dz_b=c[0], dz_d=c[1], dz_l=c[2],
                  vec_ok=int(vec_ok(spec, arrays, (arrays["dout"],))
@@ -461,48 +530,47 @@ class _BwdPlan:
             f.update(dlast_b=sl[0], dlast_d=sl[1], dlast_n=sl[2])
         self.row = PARAMS.row(**f)
         self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states", "y_saved")]
-        self.out_index = [PARAMS.index(n) for n in self._OUT_PTRS]
+        self.out_slot = {n: PARAMS.index(n) for n in self._OUT_PTRS}
         self.atomic_index = PARAMS.index("bc_atomic")
         self.launch = prepare(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps), shared_mem=smem)
+        self.modes = {}
 
     def __call__(self, ptrs, deterministic: bool):
         import cupy
 
         spec = self.spec
-        atomic = 0 if deterministic or not (spec.var_b or spec.var_c) else ATOMIC_MODE
+        atomic = 0 if deterministic or not (spec.var_b or spec.var_c) else 1
+        mode = self.modes.get(atomic)
+        if mode is None:
+            mode = self.modes[atomic] = _BwdMode(self, atomic)
         row = self.row[:]
         for i, p in zip(self.ptr_index, ptrs):
             row[i] = p
         row[self.atomic_index] = atomic
         outs = {}
-        for name, i in zip(self._OUT_PTRS, self.out_index):
-            sd = self.shapes[name]
-            if sd is None:
-                outs[name] = None
-                continue
-            if atomic and name in ("dB_part", "dC_part") and len(sd[0]) == 5:
-                Bsz, G, _, N, L = sd[0]
-                outs[name] = cupy.zeros((Bsz, G, 1, N, L), sd[1])    # every block adds into one slab
-            else:
-                outs[name] = cupy.empty(*sd)
-            row[i] = outs[name].data.ptr
+        for name, shape, dt in self.direct:
+            a = outs[name] = cupy.empty(shape, dt)
+            row[self.out_slot[name]] = a.data.ptr
+        mem = cupy.cuda.alloc(mode.small_bytes)
+        parts = dict(zip(mode.small_names, _carve(mem, mode.small_layout)))
+        if mode.var_names:
+            vmem = cupy.cuda.alloc(mode.var_bytes)
+            if atomic:                                  # every block adds into one slab
+                vmem.memset_async(0, mode.var_bytes)
+            parts.update(zip(mode.var_names, _carve(vmem, mode.var_layout)))
+        for name, a in parts.items():
+            row[mode.slot[name]] = a.data.ptr
         self.launch((PARAMS.pack_row(row),))
-        Bsz, Dsz, N, L, G = spec.batch, spec.dim, spec.dstate, spec.seqlen, spec.groups
-
-        def fold(part, outer, shape, dtype):
-            """Sum the partials' middle axis in a fixed order, cast to the input's dtype."""
-            part = part.reshape(outer, -1, int(np.prod(shape)) // outer)
-            if part.shape[1] == 1 and part.dtype == dtype:
-                return part.reshape(shape)      # atomic slab already in the input's dtype
-            return reduce_middle(part, shape, dtype)
-
-        dA = fold(outs["dA_part"], 1, (Dsz, N), self.A_dtype)
-        dB = fold(outs["dB_part"], Bsz * G if spec.var_b else 1, self.B_shape, self.B_dtype)
-        dC = fold(outs["dC_part"], Bsz * G if spec.var_c else 1, self.C_shape, self.C_dtype)
-        real_w = weight_dtypes(spec.in_dtype)[0]
-        dD = fold(outs["dD_part"], 1, (Dsz,), real_w) if spec.has_D else None
-        dbias = fold(outs["ddelta_bias_part"], 1, (Dsz,), real_w) if spec.has_delta_bias else None
-        return (outs["du"], outs["ddelta"], dA, dB, dC, dD, outs["dz"], dbias, outs["dinitial_state"])
+        grads = {g: parts[part].reshape(shape) for g, part, shape in mode.views}
+        if mode.fold is not None:
+            fold_parts, fold_outs = [], []
+            for g, part, _, _, shape, dt in mode.kernel_folds:
+                fold_parts.append(parts[part])
+                fold_outs.append(cupy.empty(shape, dt))
+                grads[g] = fold_outs[-1]
+            mode.fold(fold_parts, fold_outs)
+        return (outs["du"], outs["ddelta"], grads["dA"], grads["dB"], grads["dC"], grads.get("dD"),
+                outs.get("dz"), grads.get("ddelta_bias"), outs.get("dinitial_state"))
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,

@@ -328,6 +328,12 @@ def to_torch(a, like_device_idx: int | None = None):
     dt = _TORCH_DTYPE.get(a.dtype.name) or _TORCH_DTYPE.get(str(a.dtype))
     if isinstance(owner, torch.Tensor) and dt is not None:
         item = a.dtype.itemsize
+        off = a.data.ptr - owner.data_ptr()
+        # owner is _torch_alloc's flat uint8 buffer: reinterpret it (two view ops, ~2x cheaper
+        # than a fresh tensor plus set_).
+        if (owner.dtype is torch.uint8 and owner.dim() == 1 and owner.numel() % item == 0 and off % item == 0
+                and all(s % item == 0 for s in a.strides)):
+            return owner.view(dt).as_strided(a.shape, tuple(s // item for s in a.strides), off // item)
         storage = owner.untyped_storage()
         off = a.data.ptr - storage.data_ptr()
         if off % item == 0 and all(s % item == 0 for s in a.strides):
