@@ -1,12 +1,16 @@
-"""Probe: the selective-scan backward's three ways of summing variable dB/dC (for NOTES.md and
-for choosing ``DETERMINISTIC_DEFAULT`` and ``BWD_STATES_PER_SYNC`` in ssmkit.ops.selective_scan). Not a benchmark of record.
+"""Probe: the selective-scan backward, A/B within one process (for NOTES.md and for choosing
+``DETERMINISTIC_DEFAULT`` in ssmkit.ops.selective_scan). Not a benchmark of record.
 
-Modes: deterministic (fixed-order per-block partials + a fold kernel) or fp32 atomics, each with
-1 or 2 states per block barrier (``BWD_STATES_PER_SYNC``). Per anchor shape and dtype: the
-backward call and forward + backward as bench_selective_scan times them, and each mode's largest
-dB/dC difference from the first (relative to max |dB|).
+Variants per anchor shape and dtype, measured back to back so that machine-to-machine spread
+(~5-10% between device runs) cancels: this checkout's kernels with the deterministic dB/dC sums
+and with fp32 atomics, and, with ``--old DIR`` (a kernels_cu/ folder of an earlier commit whose
+parameter struct is a prefix of this one's), that folder's kernels in deterministic mode. Times:
+the backward call and forward + backward as bench_selective_scan measures them, plus each
+variant's largest dB/dC difference from the first (relative to max |dB|).
 
-    python benchmarks/probe_scan_bwd.py [--out DIR] [--quick]
+    python benchmarks/probe_scan_bwd.py [--out DIR] [--quick] [--old DIR] [--ncu]
+
+``--ncu``: run one headline bf16 backward only (for ``ncu --launch-skip``), no timing.
 """
 from __future__ import annotations
 
@@ -21,29 +25,52 @@ from benchmarks.bench_selective_scan import SHAPES, make  # noqa: E402
 from benchmarks.common import load_anchors, time_cuda  # noqa: E402
 
 
+def _use_kernels(folder: Path) -> None:
+    import ssmkit._compile as comp
+    from ssmkit.ops import selective_scan as op
+
+    comp.kernels_dir = lambda: folder
+    comp.clear_process_cache()
+    op._BWD_PLANS.clear()
+    op._FWD_PLANS.clear()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--old", default=None)
+    ap.add_argument("--ncu", action="store_true")
     a = ap.parse_args(argv)
     import cupy
 
     import ssmkit
-    from ssmkit.ops import selective_scan as op
+    import ssmkit._compile as comp
 
+    if a.ncu:
+        args, kw, _ = make(8, 1536, 2048, 16, "bf16", True)
+        _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
+        for _ in range(3):
+            ssmkit.selective_scan_bwd(cupy.ones_like(args["u"]), **args, **kw, saved=saved)
+        cupy.cuda.runtime.deviceSynchronize()
+        return 0
+
+    new_dir = comp.kernels_dir()
+    variants = [("det", new_dir, True), ("atomic", new_dir, False)]
+    if a.old:
+        variants.append(("old det", Path(a.old).resolve(), True))
     anchors = load_anchors()
     rows = []
     for (B, D, L, N) in (SHAPES[:1] if a.quick else SHAPES):
         for dtype in ("bf16", "fp32"):
             args, kw, _ = make(B, D, L, N, dtype, True)
             dout = cupy.random.default_rng(1).standard_normal((B, D, L), dtype=cupy.float32).astype(args["u"].dtype)
-            _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
             name = f"b{B} d{D} l{L} n{N} {dtype}"
             anchor = anchors.get(f"ss_fwdbwd {name}")
             ref = None
-            for mode, (det, sync) in enumerate(((True, 1), (True, 2), (False, 1), (False, 2))):
-                op.BWD_STATES_PER_SYNC = sync
-                op._BWD_PLANS.clear()
+            for label, folder, det in variants:
+                _use_kernels(folder)
+                _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
                 bwd = lambda: ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved, deterministic=det)  # noqa: E731
 
                 def fwdbwd():
@@ -53,26 +80,24 @@ def main(argv=None) -> int:
                 g = bwd()
                 dB, dC = g[3].astype(cupy.float32), g[4].astype(cupy.float32)
                 if ref is None:
-                    ref = (dB, dC)
-                    diff = 0.0
+                    ref, diff = (dB, dC), 0.0
                 else:
                     diff = max(float(cupy.abs(x - r).max() / (cupy.abs(r).max() + 1e-30)) for x, r in zip((dB, dC), ref))
                 ok = all(bool(cupy.isfinite(x).all()) for x in (dB, dC))
                 t_bwd = time_cuda(bwd, 3, 15)
                 t_fb = time_cuda(fwdbwd, 3, 15)
-                r = {"name": name, "mode": mode, "deterministic": det, "sync_states": sync, "bwd_ms": round(t_bwd, 4), "fwdbwd_ms": round(t_fb, 4),
+                r = {"name": name, "variant": label, "bwd_ms": round(t_bwd, 4), "fwdbwd_ms": round(t_fb, 4),
                      "anchor_ms": anchor, "ratio": round(anchor / t_fb, 3) if anchor else None,
-                     "dBdC_rel_diff_vs_mode0": diff, "finite": ok}
+                     "dBdC_rel_diff": diff, "finite": ok}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
+            _use_kernels(new_dir)
             del args, kw, dout, saved, ref
             cupy.get_default_memory_pool().free_all_blocks()
-    op.BWD_STATES_PER_SYNC = 2
-    op._BWD_PLANS.clear()
-    print(f"\n{'row':28s} {'det':>5s} {'sync':>4s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
+    print(f"\n{'row':28s} {'variant':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
     for r in rows:
-        print(f"{r['name']:28s} {str(r['deterministic']):>5s} {r['sync_states']:4d} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
-              f"{(r['ratio'] or 0):6.3f} {r['dBdC_rel_diff_vs_mode0']:9.2e}")
+        print(f"{r['name']:28s} {r['variant']:>8s} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
+              f"{(r['ratio'] or 0):6.3f} {r['dBdC_rel_diff']:9.2e}")
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "probe_scan_bwd.json").write_text(json.dumps(rows, indent=1))

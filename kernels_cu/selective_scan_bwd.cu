@@ -25,9 +25,6 @@ namespace ssm {
 
 constexpr int kBwdItems = 8;                 // 32 x 8 = 256 = the forward's save spacing
 constexpr int kBwdChunk = 32 * kBwdItems;
-// Variable dB/dC: up to this many states' slices share one block barrier (p.sync_states, set by
-// the host: 2 where two blocks per SM still fit in shared memory, else 1; the host sizes shared
-// memory for p.sync_states groups: bwd_smem in ssmkit/ops/selective_scan.py).
 // Real fp32 state: a 512-thread bound caps registers at 128, so two 8-warp blocks share an SM
 // (the host launches 8 warps: 16-warp blocks, one per SM, were slower). Complex and fp64 values
 // are twice as wide and spill kilobytes under that cap: 256 threads, up to 255 registers.
@@ -200,18 +197,15 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
         }
         if (kVarB || kVarC) {
-            // Fixed-order sum over the block's warps: write this warp's slice, and after every
-            // p.sync_states states one barrier, then each thread sums the warps for its steps
-            // of those states. Slice groups are double buffered (par), so one barrier per group
-            // suffices. Each lane's 8 values go out as 16-byte stores into a row padded by 16
-            // bytes per lane (TileLayout): conflict-free. (Scalar stores at a lane stride of 8
-            // words were 8-way bank conflicts: the variable-B/C backward took 2.0 ms against
-            // 1.0 ms for constant B/C.)
+            // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
+            // then each thread sums the warps for its steps. Slices are double buffered by
+            // state parity, so one barrier per state suffices. Each lane's 8 values go out as
+            // 16-byte stores into a row padded by 16 bytes per lane (TileLayout): conflict-free.
+            // (Scalar stores at a lane stride of 8 words were 8-way bank conflicts: the
+            // variable-B/C backward took 2.0 ms against 1.0 ms for constant B/C. Two states per
+            // barrier, with twice the slices, measured 0-8% slower on the anchor rows.)
             typedef TileLayout<S, T> Slice;
-            const int sync_states = p.sync_states;
-            const int slot = int(n % sync_states);
-            S* group = w.slices + par * sync_states * 2 * warps * Slice::kRow;
-            S* sl = group + slot * 2 * warps * Slice::kRow;
+            S* sl = w.slices + par * 2 * warps * Slice::kRow;
             if (kVarB) {
                 Vec<S, T> v;
 #pragma unroll
@@ -228,29 +222,26 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
 #pragma unroll
                 for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
             }
-            if (slot == sync_states - 1 || n == N - 1) {
-                __syncthreads();
-                const int64_t n0 = n - slot;
-                for (int e = tid; e < (slot + 1) * 2 * kBwdChunk; e += nthreads) {
-                    const int st = e / (2 * kBwdChunk), which = (e / kBwdChunk) & 1, t = e % kBwdChunk;
-                    if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-                    const int64_t tt = c0 + t;
-                    if (!kFast && tt >= L) continue;
-                    const S* src = group + (st * 2 + which) * warps * Slice::kRow + Slice::index(0, t);
-                    S acc = S(0);
+            __syncthreads();
+            for (int e = tid; e < 2 * kBwdChunk; e += nthreads) {
+                const int which = e / kBwdChunk, t = e % kBwdChunk;
+                if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
+                const int64_t tt = c0 + t;
+                if (!kFast && tt >= L) continue;
+                const S* src = sl + which * warps * Slice::kRow + Slice::index(0, t);
+                S acc = S(0);
 #pragma unroll 4
-                    for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
-                    S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part) + (w.part_row + n0 + st) * L + tt;
-                    if (p.bc_atomic) {
-                        const R* src2 = (const R*)&acc;
+                for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
+                S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part) + (w.part_row + n) * L + tt;
+                if (p.bc_atomic) {
+                    const R* src2 = (const R*)&acc;
 #pragma unroll
-                        for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, src2[r]);
-                    } else {
-                        *dst = acc;
-                    }
+                    for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, src2[r]);
+                } else {
+                    *dst = acc;
                 }
-                par ^= 1;
             }
+            par ^= 1;
         }
     }
     if (active) {
@@ -295,10 +286,9 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     __shared__ BwdWarp<In, W> warp_state[BwdMaxThreads<W>::value / 32];
     BwdWarp<In, W>& w = warp_state[warp];
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = (S*)smem_raw + (n_var ? 2 * p.sync_states * 2 * warps * TileLayout<S, kBwdItems>::kRow
-                                        : 0);   // after the padded slices
+    S* per_warp = (S*)smem_raw + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // after the padded slices
     if (lane == 0) {   // one writer per field; the warp reads them after the __syncwarp below
-        w.slices = (S*)smem_raw;                         // [2 par][sync_states][2 B/C][warps][chunk]
+        w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
         w.dX = per_warp + warp * N;                                     // adjoint carry per state
         w.dA_acc = per_warp + (warps + warp) * N;
         w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only

@@ -32,7 +32,6 @@ struct SelectiveScanParams {
     int32_t vec_ok;     // every row 16-byte aligned with unit L stride: full chunks take the fast path
     int32_t bc_atomic;  // backward, variable dB/dC: 0 per-block partials (deterministic), 1 block sum
                         // + fp32 atomics into (B, G, 1, N, L)
-    int32_t sync_states;  // backward, variable dB/dC: states summed per block barrier (1 or 2)
 };
 
 // Storage of variable B/C: the input dtype for real A; complex (fp32 or fp64 parts) for complex A.

@@ -8,7 +8,6 @@ real/imaginary interleaving along L) and reads out y = 2 Re(sum_n C h).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +31,6 @@ MAX_N = 2048           # bounded only by shared memory: 4 N state values per war
 
 SAVE_EVERY = 256       # kSaveEvery in selective_scan_fwd.cu: saved-state spacing = backward chunk
 BWD_ITEMS = 8          # kBwdItems in selective_scan_bwd.cu
-# Backward, variable dB/dC: states whose slices are summed after one block barrier (sync_states
-# in selective_scan_bwd.cu), when two blocks per SM still fit in shared memory (SMEM_TWO_BLOCKS).
-BWD_STATES_PER_SYNC = 2
-SMEM_TWO_BLOCKS = 110 * 1024
 # 8 channels (warps) per block: the warps of a block read the same variable B/C rows, so 7 of
 # 8 reads hit L1. The backward with 16 warps per block halves its dB/dC partials but one
 # 512-thread block per SM idles at every per-state barrier: b8 d1536 l2048 n16 bf16 kernel
@@ -88,12 +83,12 @@ def fwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     return warps * N * _ITEMSIZE[cfg.w_dtype]
 
 
-def bwd_smem(cfg: KernelConfig, warps: int, N: int, sync_states: int = 1) -> int:
+def bwd_smem(cfg: KernelConfig, warps: int, N: int) -> int:
     """Bytes of dynamic shared memory, mirroring the layout in selective_scan_bwd.cu."""
     s = _ITEMSIZE[cfg.w_dtype]
     n_var = int(cfg.var_b) + int(cfg.var_c)
     pad = max(16 // s, 1)
-    slices = (2 * sync_states * 2 * warps * 32 * (BWD_ITEMS + pad) * s) if n_var else 0   # padded rows
+    slices = (2 * 2 * warps * 32 * (BWD_ITEMS + pad) * s) if n_var else 0   # padded rows
     per_warp = warps * N * s * (2 + (not cfg.var_b) + (not cfg.var_c))
     return slices + per_warp
 
@@ -130,7 +125,6 @@ PARAMS = Params("ssm::SelectiveScanParams", [
                                "dlast_d", "dlast_n", "du_b", "du_d", "du_l", "ddelta_b", "ddelta_d",
                                "ddelta_l", "dz_b", "dz_d", "dz_l")],
     ("delta_softplus", "int32_t"), ("vec_ok", "int32_t"), ("bc_atomic", "int32_t"),
-    ("sync_states", "int32_t"),
 ])
 
 
@@ -469,8 +463,10 @@ class _BwdMode:
         self.var_names = [n for n, _, _ in var]
         self.var_layout, self.var_bytes = _layout([(sh, dt) for _, sh, dt in var]) if var else ([], 0)
         self.slot = {n: plan.out_slot[n] for n in self.small_names + self.var_names}
-        # Folds: (gradient, partial, (outer, K, inner), out shape, out dtype); a single-partial
-        # fold in the output's dtype is a view, the rest go to one FoldPlan launch.
+        # Folds: (gradient, partial, (outer, K, inner), out shape, out dtype), all in one FoldPlan
+        # launch. Each gradient gets its own allocation, also where K = 1 (a copy): returning
+        # views of the shared temporaries would alias the returns (custom ops forbid it) and keep
+        # the temporaries alive.
         folds = [("dA", "dA_part", Bsz, (Dsz, N), plan.A_dtype)]
         for g, part, is_var, shape, dt in (("dB", "dB_part", spec.var_b, plan.B_shape, plan.B_dtype),
                                            ("dC", "dC_part", spec.var_c, plan.C_shape, plan.C_dtype)):
@@ -479,17 +475,13 @@ class _BwdMode:
             folds.append(("dD", "dD_part", Bsz, (Dsz,), real_w))
         if spec.has_delta_bias:
             folds.append(("ddelta_bias", "ddelta_bias_part", Bsz, (Dsz,), real_w))
-        self.views, self.kernel_folds = [], []
+        self.kernel_folds = []
         for g, part, K, shape, dt in folds:
             size = int(np.prod(shape))
             outer = Bsz * G if part in self.var_names else 1      # variable: per (b, g) rows
             part_dt = real_w if part in ("dD_part", "ddelta_bias_part") else wdt
-            if K == 1 and np.dtype(part_dt) == np.dtype(dt):
-                self.views.append((g, part, shape))
-            else:
-                self.kernel_folds.append((g, part, (outer, K, size // outer), part_dt, shape, dt))
-        self.fold = FoldPlan([(three, part_dt, dt) for _, _, three, part_dt, _, dt in self.kernel_folds]
-                             ) if self.kernel_folds else None
+            self.kernel_folds.append((g, part, (outer, K, size // outer), part_dt, shape, dt))
+        self.fold = FoldPlan([(three, part_dt, dt) for _, _, three, part_dt, _, dt in self.kernel_folds])
 
 
 class _BwdPlan:
@@ -501,11 +493,7 @@ class _BwdPlan:
     def __init__(self, spec: SelectiveScanSpec, arrays: dict):
         self.spec = spec
         Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
-        sync = BWD_STATES_PER_SYNC if (spec.var_b or spec.var_c) else 1
-        warps, bpg, smem = _launch_shape(spec, functools.partial(bwd_smem, sync_states=sync))
-        if sync > 1 and smem > SMEM_TWO_BLOCKS:     # keep two blocks per SM: one state per barrier
-            sync = 1
-            warps, bpg, smem = _launch_shape(spec, bwd_smem)
+        warps, bpg, smem = _launch_shape(spec, bwd_smem)
         self.bpg = bpg
         self.in_dtype = arrays["u"].dtype
         wdt = spec.w_dtype
@@ -520,7 +508,7 @@ class _BwdPlan:
         f = _common_fields(spec, *(arrays[k] for k in _NAMES))
         sdo = strides_elems(arrays["dout"])
         c = (Dsz * L, L, 1)
-        f.update(blocks_per_group=bpg, sync_states=sync, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
+        f.update(blocks_per_group=bpg, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
                  du_b=c[0], du_d=c[1], du_l=c[2], ddelta_b=c[0], ddelta_d=c[1], ddelta_l=c[2],
                  dz_b=c[0], dz_d=c[1], dz_l=c[2],
                  vec_ok=int(vec_ok(spec, arrays, (arrays["dout"],))
@@ -561,14 +549,12 @@ class _BwdPlan:
         for name, a in parts.items():
             row[mode.slot[name]] = a.data.ptr
         self.launch((PARAMS.pack_row(row),))
-        grads = {g: parts[part].reshape(shape) for g, part, shape in mode.views}
-        if mode.fold is not None:
-            fold_parts, fold_outs = [], []
-            for g, part, _, _, shape, dt in mode.kernel_folds:
-                fold_parts.append(parts[part])
-                fold_outs.append(cupy.empty(shape, dt))
-                grads[g] = fold_outs[-1]
-            mode.fold(fold_parts, fold_outs)
+        grads, fold_parts, fold_outs = {}, [], []
+        for g, part, _, _, shape, dt in mode.kernel_folds:
+            fold_parts.append(parts[part])
+            fold_outs.append(cupy.empty(shape, dt))
+            grads[g] = fold_outs[-1]
+        mode.fold(fold_parts, fold_outs)
         return (outs["du"], outs["ddelta"], grads["dA"], grads["dB"], grads["dC"], grads.get("dD"),
                 outs.get("dz"), grads.get("ddelta_bias"), outs.get("dinitial_state"))
 

@@ -52,6 +52,7 @@ _NP_DTYPE: dict = {
 # dtype name (NumPy/CuPy side) -> torch dtype.
 _TORCH_DTYPE: dict = {str(v): k for k, v in _NP_DTYPE.items()}
 _TORCH_DTYPE["bfloat16"] = torch.bfloat16
+_TORCH_BY_NP: dict = {}          # NumPy dtype object -> torch dtype, filled by to_torch
 
 
 def _bf16_numpy_dtype():
@@ -325,7 +326,12 @@ def to_torch(a, like_device_idx: int | None = None):
         return a
     mem = a.data.mem
     owner = getattr(mem, "_owner", None)
-    dt = _TORCH_DTYPE.get(a.dtype.name) or _TORCH_DTYPE.get(str(a.dtype))
+    npdt = a.dtype
+    dt = _TORCH_BY_NP.get(npdt)      # keyed by the dtype object: numpy's dtype.name is a slow property
+    if dt is None:
+        dt = _TORCH_DTYPE.get(npdt.name) or _TORCH_DTYPE.get(str(npdt))
+        if dt is not None:
+            _TORCH_BY_NP[npdt] = dt
     if isinstance(owner, torch.Tensor) and dt is not None:
         item = a.dtype.itemsize
         off = a.data.ptr - owner.data_ptr()
