@@ -1,14 +1,13 @@
 """Probe: the selective-scan backward, A/B within one process (for NOTES.md and for choosing
 ``DETERMINISTIC_DEFAULT`` in ssmkit.ops.selective_scan). Not a benchmark of record.
 
-Variants per anchor shape and dtype, measured back to back so that machine-to-machine spread
-(~5-10% between device runs) cancels: this checkout's kernels with the deterministic dB/dC sums
-and with fp32 atomics, and, with ``--old DIR`` (a kernels_cu/ folder of an earlier commit whose
-parameter struct is a prefix of this one's), that folder's kernels in deterministic mode. Times:
-the backward call and forward + backward as bench_selective_scan measures them, plus each
-variant's largest dB/dC difference from the first (relative to max |dB|).
+Per anchor shape and dtype, the deterministic dB/dC sums and the fp32 atomics measured back to
+back: the backward call and forward + backward as bench_selective_scan measures them, plus the
+atomic variant's largest dB/dC difference from the deterministic one (relative to max |dB|).
+To compare kernel versions, run it once per version in the same device call (spread between
+device runs is ~5-10%).
 
-    python benchmarks/probe_scan_bwd.py [--out DIR] [--quick] [--old DIR] [--ncu]
+    python benchmarks/probe_scan_bwd.py [--out DIR] [--quick] [--ncu] [--tag NAME]
 
 ``--ncu``: run one headline bf16 backward only (for ``ncu --launch-skip``), no timing.
 """
@@ -25,27 +24,16 @@ from benchmarks.bench_selective_scan import SHAPES, make  # noqa: E402
 from benchmarks.common import load_anchors, time_cuda  # noqa: E402
 
 
-def _use_kernels(folder: Path) -> None:
-    import ssmkit._compile as comp
-    from ssmkit.ops import selective_scan as op
-
-    comp.kernels_dir = lambda: folder
-    comp.clear_process_cache()
-    op._BWD_PLANS.clear()
-    op._FWD_PLANS.clear()
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--old", default=None)
+    ap.add_argument("--tag", default="", help="label for the JSON file name and rows")
     ap.add_argument("--ncu", action="store_true")
     a = ap.parse_args(argv)
     import cupy
 
     import ssmkit
-    import ssmkit._compile as comp
 
     if a.ncu:
         args, kw, _ = make(8, 1536, 2048, 16, "bf16", True)
@@ -55,10 +43,7 @@ def main(argv=None) -> int:
         cupy.cuda.runtime.deviceSynchronize()
         return 0
 
-    new_dir = comp.kernels_dir()
-    variants = [("det", new_dir, True), ("atomic", new_dir, False)]
-    if a.old:
-        variants.append(("old det", Path(a.old).resolve(), True))
+    variants = [(f"{a.tag}det", True), (f"{a.tag}atomic", False)]
     anchors = load_anchors()
     rows = []
     for (B, D, L, N) in (SHAPES[:1] if a.quick else SHAPES):
@@ -68,8 +53,7 @@ def main(argv=None) -> int:
             name = f"b{B} d{D} l{L} n{N} {dtype}"
             anchor = anchors.get(f"ss_fwdbwd {name}")
             ref = None
-            for label, folder, det in variants:
-                _use_kernels(folder)
+            for label, det in variants:
                 _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)
                 bwd = lambda: ssmkit.selective_scan_bwd(dout, **args, **kw, saved=saved, deterministic=det)  # noqa: E731
 
@@ -91,16 +75,15 @@ def main(argv=None) -> int:
                      "dBdC_rel_diff": diff, "finite": ok}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-            _use_kernels(new_dir)
             del args, kw, dout, saved, ref
             cupy.get_default_memory_pool().free_all_blocks()
-    print(f"\n{'row':28s} {'variant':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
+    print(f"\n{'row':28s} {'variant':>12s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'ratio':>6s} {'rel diff':>9s}")
     for r in rows:
-        print(f"{r['name']:28s} {r['variant']:>8s} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
+        print(f"{r['name']:28s} {r['variant']:>12s} {r['bwd_ms']:8.4f} {r['fwdbwd_ms']:8.4f} "
               f"{(r['ratio'] or 0):6.3f} {r['dBdC_rel_diff']:9.2e}")
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "probe_scan_bwd.json").write_text(json.dumps(rows, indent=1))
+        (Path(a.out) / f"probe_scan_bwd{('_' + a.tag) if a.tag else ''}.json").write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -12,6 +12,9 @@
 //        G_a = dh conj(h_{t-1});  ddelta += Re(G_a conj(A a)) + Re(dh conj(B u));
 //        dA += G_a delta conj(a);  du += Re(dh conj(delta B));  dB += dh delta u;
 //        dC += dy h (2 dy conj(h) for complex A).
+//      Arranged for few instructions per (l, n): the lane keeps w = delta u instead of u and
+//      S = sum_n Re(dh conj(B)), so du = D dy + delta S and ddelta's B term = u S are formed
+//      once per chunk; P = G_a conj(a) feeds both ddelta (Re(P conj(A))) and dA (P delta).
 // Variable dB/dC are summed over the block's warps in a fixed order through shared memory (one
 // barrier per chunk and state), then either (p.bc_atomic = 0, deterministic) written as
 // per-block partials (B, G, blocks_per_group, N, L) that the host folds in index order, bitwise
@@ -77,7 +80,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     const int64_t N = p.dstate, L = p.seqlen;
     const int64_t c0 = c * kBwdChunk;
     const int64_t t0 = c0 + lane * T;
-    R u[T], dl[T], dy[T], du[T], ddl[T];
+    R u[T], dl[T], dy[T], Sb[T], ddl[T];   // u holds delta * u after the prologue
     R sum_dl = 0;
     if (active) {
         load_steps<kFast>(w.u, p.u_l, t0, L, u);
@@ -98,9 +101,10 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
         v = p.delta_softplus ? softplus_fast(v) : v;
         dl[i] = live ? v : R(0);
         sum_dl += dl[i];
-        du[i] = w.Dv * dy[i];
+        Sb[i] = R(0);
         ddl[i] = R(0);
         dD_lane += dy[i] * u[i];
+        u[i] *= dl[i];
     }
     typedef typename VarBC<In, W>::type BCs;
     // Variable B/C rows of state n, loaded at the top of its iteration. (Loading state n+1's rows
@@ -138,7 +142,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
 #pragma unroll
             for (int i = 0; i < T; ++i) {
                 dA[i] = gate(dl[i], A2);
-                bt = dA[i] * bt + Bv(i) * (dl[i] * u[i]);
+                bt = dA[i] * bt + Bv(i) * u[i];
             }
             const S a_own = gate(sum_dl, A2);
             S at = a_own;
@@ -150,7 +154,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             S hv = h_in;
 #pragma unroll
             for (int i = 0; i < T; ++i) {
-                hv = dA[i] * hv + Bv(i) * (dl[i] * u[i]);
+                hv = dA[i] * hv + Bv(i) * u[i];
                 h[i] = hv;
             }
             // 2. adjoint: local pass with zero carry, then the reverse warp scan
@@ -166,10 +170,10 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             for (int i = T - 1; i >= 0; --i) {
                 dh[i] = readout_grad(Cv(i), dy[i]) + X;
                 const S hp = i > 0 ? h[i - 1] : h_in;
-                const S Ga = dh[i] * conj(hp);
-                ddl[i] += re_part(Ga * conj(Araw * dA[i])) + re_part(dh[i] * conj(Bv(i) * u[i]));
-                dA_sum += Ga * conj(dA[i]) * dl[i];
-                du[i] += re_part(dh[i] * conj(Bv(i) * dl[i]));
+                const S P = dh[i] * conj(hp) * conj(dA[i]);
+                ddl[i] += re_part(P * conj(Araw));
+                dA_sum += P * dl[i];
+                Sb[i] += re_part(dh[i] * conj(Bv(i)));
                 X = conj(dA[i]) * dh[i];
             }
 #undef Bv
@@ -178,7 +182,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             if (!kVarB) {
                 S s = S(0);
 #pragma unroll
-                for (int i = 0; i < T; ++i) s += dh[i] * (dl[i] * u[i]);
+                for (int i = 0; i < T; ++i) s += dh[i] * u[i];
                 s = warp_sum(s);
                 if (lane == 0) w.dBc_acc[n] = w.dBc_acc[n] + s;
             }
@@ -209,7 +213,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             if (kVarB) {
                 Vec<S, T> v;
 #pragma unroll
-                for (int i = 0; i < T; ++i) v.e[i] = dh[i] * (dl[i] * u[i]);
+                for (int i = 0; i < T; ++i) v.e[i] = dh[i] * u[i];
                 uint4* dst = (uint4*)(sl + warp * Slice::kRow + lane * Slice::kSeg);
 #pragma unroll
                 for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
@@ -256,14 +260,18 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             for (int i = 0; i < T; ++i) dz[i] = go[i] * yv[i] * silu_grad(zv[i]);
             store_steps<kFast>(w.dz, p.dz_l, t0, L, dz);
         }
-        R raw[T];
+        R raw[T], ur[T];
         load_steps<kFast>(w.dl, p.delta_l, t0, L, raw);
+        load_steps<kFast>(w.u, p.u_l, t0, L, ur);
 #pragma unroll
         for (int i = 0; i < T; ++i) {
+            const bool live = kFast || t0 + i < L;
+            ddl[i] += (live ? ur[i] : R(0)) * Sb[i];
+            Sb[i] = w.Dv * dy[i] + dl[i] * Sb[i];          // du
             if (p.delta_softplus) ddl[i] *= sigmoid_fast(raw[i] + w.bias);
-            if (kFast || t0 + i < L) dbias_lane += ddl[i];
+            if (live) dbias_lane += ddl[i];
         }
-        store_steps<kFast>(w.du, p.du_l, t0, L, du);
+        store_steps<kFast>(w.du, p.du_l, t0, L, Sb);
         store_steps<kFast>(w.ddl, p.ddelta_l, t0, L, ddl);
     }
 }
