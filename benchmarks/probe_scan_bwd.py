@@ -29,12 +29,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tag", default="", help="label for the JSON file name and rows")
+    ap.add_argument("--max-segments", type=int, default=None, help="cap the backward's time split")
     ap.add_argument("--ncu", action="store_true")
     a = ap.parse_args(argv)
     import cupy
 
     import ssmkit
+    from ssmkit.ops import selective_scan as op
 
+    if a.max_segments is not None:
+        op.MAX_SEGMENTS = a.max_segments
     if a.ncu:
         args, kw, _ = make(8, 1536, 2048, 16, "bf16", True)
         _, _, saved = ssmkit.selective_scan_fwd(**args, **kw)

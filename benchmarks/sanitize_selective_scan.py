@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 def main():
     import cupy
     import ssmkit
+    from ssmkit.ops import selective_scan as op
     from test_selective_scan import _pinned, cast_inputs
     from gpu_util import to_device
 
@@ -34,7 +35,9 @@ def main():
         kw = dict(D=dev["D"], z=dev["z"], delta_bias=dev["delta_bias"], delta_softplus=dev["delta_softplus"],
                   initial_state=dev["initial_state"])
         out, last, saved = ssmkit.selective_scan_fwd(*args, **kw)
-        for det in (True, False):      # both ways of summing variable dB/dC
+        for det, max_seg in ((True, 16), (False, 16), (False, 1)):   # dB/dC sums; time split or not
+            op.MAX_SEGMENTS = max_seg
+            op._BWD_PLANS.clear()
             ssmkit.selective_scan_bwd(cupy.ones_like(out), *args, saved=saved, dlast_state=cupy.ones_like(last),
                                       deterministic=det, **kw)
             cupy.cuda.runtime.deviceSynchronize()

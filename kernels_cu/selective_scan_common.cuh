@@ -32,6 +32,13 @@ struct SelectiveScanParams {
     int32_t vec_ok;     // every row 16-byte aligned with unit L stride: full chunks take the fast path
     int32_t bc_atomic;  // backward, variable dB/dC: 0 per-block partials (deterministic), 1 block sum
                         // + fp32 atomics into (B, G, 1, N, L)
+    // Backward split along time: segment s of n_seg covers chunks [s, s + 1) * seg_chunks. A
+    // carry pass (carry_pass = 1) writes, per (b, d, segment >= 1, n), the segment's decay
+    // gate(sum delta, A) and its adjoint carry-out from a zero carry-in into carry
+    // (B, D, n_seg, 2, N); the main pass starts each segment from the later segments' carries.
+    void* carry;
+    int64_t n_seg, seg_chunks;
+    int32_t carry_pass;
 };
 
 // Storage of variable B/C: the input dtype for real A; complex (fp32 or fp64 parts) for complex A.
@@ -190,8 +197,8 @@ template <typename R> __device__ __forceinline__ R delta_eff(R raw, R bias, int 
 struct ChannelMap {
     int64_t b, g, d_local, d;
     bool active;
-    __device__ __forceinline__ ChannelMap(const SelectiveScanParams& p, int warp, int warps) {
-        int64_t blk = blockIdx.x;
+    __device__ __forceinline__ ChannelMap(const SelectiveScanParams& p, int warp, int warps,
+                                          int64_t blk = blockIdx.x) {
         int64_t per_b = p.n_groups * p.blocks_per_group;
         b = blk / per_b;
         int64_t rem = blk - b * per_b;

@@ -260,8 +260,12 @@ def test_gpu_pinned(name, in_dtype):
 @pytest.mark.parametrize("name", ["L2049", "L4097", "N256", "complex_L600", "odd_D"])
 @pytest.mark.parametrize("in_dtype", ["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_gpu_backward_dbc_modes(name, in_dtype, deterministic):
-    """Both ways of summing variable dB/dC (fixed-order partials, fp32 atomics) match the reference."""
+@pytest.mark.parametrize("max_segments", [1, 16])
+def test_gpu_backward_dbc_modes(name, in_dtype, deterministic, max_segments, monkeypatch):
+    """Both ways of summing variable dB/dC (fixed-order partials, fp32 atomics), with and without
+    the time split (small problems split into as many segments as chunks), match the reference."""
+    monkeypatch.setattr(op, "MAX_SEGMENTS", max_segments)
+    op._BWD_PLANS.clear()
     spec = PINNED[name]
     got, _, want = run_both(spec.build(), in_dtype, True, np.random.default_rng(9), deterministic=deterministic)
     check_backward(got, want, in_dtype, spec.complex_A)
@@ -336,6 +340,18 @@ def test_gpu_backward_is_deterministic():
     for name, a, b in zip(GRAD_NAMES, g1, g2):
         if a is not None:
             assert bool((a == b).all()), f"{name} differs between two identical backward calls"
+
+
+def test_bwd_segments_choice():
+    """The split fills whole waves: 640 blocks on 264 slots (2.42 waves) -> 2 segments; a grid of
+    ~6 full waves stays whole; one block over 32 chunks splits to MAX_SEGMENTS."""
+    assert op.bwd_segments(640, 32, 264) == (2, 16)
+    assert op.bwd_segments(1536, 8, 264) == (1, 8)
+    assert op.bwd_segments(1, 32, 264) == (16, 2)
+    assert op.bwd_segments(5, 1, 264) == (1, 1)
+    for blocks, chunks in ((7, 5), (100, 3), (1, 9)):
+        n, per = op.bwd_segments(blocks, chunks, 264)
+        assert (n - 1) * per < chunks <= n * per     # no empty segment
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ real/imaginary interleaving along L) and reads out y = 2 Re(sum_n C h).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,13 @@ WARPS_PER_BLOCK = 8
 # atomics (block sums, one atomic per (l, n) per block), 4-8% faster fwd+bwd than the fixed-order
 # partials on the anchor rows (benchmarks/probe_scan_bwd.py, NOTES.md).
 DETERMINISTIC_DEFAULT = False
+# Backward split along time (segments after a cheap carry pass) when the grid fills the GPU in a
+# poor number of waves: the carry pass costs about this fraction of a full backward over the same
+# steps (predicted from the instruction counts: ~8 vs ~65 per (l, n)).
+CARRY_COST = 0.12
+MAX_SEGMENTS = 16
+SM_RESERVED_SMEM = 1024 + 2816     # per block: the driver's reservation + the kernel's static smem
+SM_SMEM = 228 * 1024
 SMEM_LIMIT = 227 * 1024  # sm_80/sm_90 opt-in limit; blocks shrink (fewer warps) above it
 
 
@@ -125,6 +133,7 @@ PARAMS = Params("ssm::SelectiveScanParams", [
                                "dlast_d", "dlast_n", "du_b", "du_d", "du_l", "ddelta_b", "ddelta_d",
                                "ddelta_l", "dz_b", "dz_d", "dz_l")],
     ("delta_softplus", "int32_t"), ("vec_ok", "int32_t"), ("bc_atomic", "int32_t"),
+    ("carry", "ptr"), ("n_seg", "int64_t"), ("seg_chunks", "int64_t"), ("carry_pass", "int32_t"),
 ])
 
 
@@ -422,6 +431,42 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return o, last, ScanSaved(states, spec, y)
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count() -> int:
+    import cupy
+
+    dev = cupy.cuda.runtime.getDevice()
+    n = _SM_COUNT.get(dev)
+    if n is None:
+        n = _SM_COUNT[dev] = int(cupy.cuda.runtime.deviceGetAttribute(
+            cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, dev))
+    return n
+
+
+def _block_slots(spec: SelectiveScanSpec, smem: int) -> int:
+    """Backward blocks resident at once on this GPU: 2 per SM for real fp32 state (128-register
+    cap, selective_scan_bwd.cu BwdMaxThreads), 1 for complex or fp64; fewer if shared memory binds."""
+    by_regs = 2 if spec.w_dtype == "float32" else 1
+    by_smem = max(1, SM_SMEM // (smem + SM_RESERVED_SMEM))
+    return _sm_count() * min(by_regs, by_smem)
+
+
+def bwd_segments(blocks: int, n_chunks: int, slots: int) -> tuple[int, int]:
+    """(segments, chunks per segment) for the backward: split time when the blocks would fill
+    the GPU in a poor number of waves (e.g. 640 blocks on 264 slots = 2.42 waves: the last wave
+    runs 42% full); a split costs a carry pass over all but the first segment (CARRY_COST)."""
+    best, best_eff = 1, 0.0
+    for s in range(1, min(MAX_SEGMENTS, n_chunks) + 1):
+        waves = blocks * s / slots
+        eff = waves / math.ceil(waves) / (1 + CARRY_COST * (s - 1) / s)
+        if eff > best_eff * 1.03:          # fewer segments unless clearly better
+            best, best_eff = s, eff
+    seg_chunks = -(-n_chunks // best)
+    return -(-n_chunks // seg_chunks), seg_chunks
+
+
 def _carve(mem, layout):
     """Arrays over one allocation: ``layout`` is [(shape, dtype, byte offset)]."""
     import cupy
@@ -450,14 +495,18 @@ class _BwdMode:
         self.atomic = atomic
         # Small per-(b, d) partials share one allocation; variable dB/dC partials another (zeroed
         # in one memset when the kernel adds into them atomically).
-        small = [("dA_part", (Bsz, Dsz, N), wdt)]
+        # Per-(b, d) partials come per time segment: (n_seg * B, D, ...).
+        SB = plan.n_seg * Bsz
+        small = [("dA_part", (SB, Dsz, N), wdt)]
         var = []
         for name, is_var in (("dB_part", spec.var_b), ("dC_part", spec.var_c)):
-            (var if is_var else small).append((name, (Bsz, G, bpg, N, L) if is_var else (Bsz, Dsz, N), wdt))
+            (var if is_var else small).append((name, (Bsz, G, bpg, N, L) if is_var else (SB, Dsz, N), wdt))
         if spec.has_D:
-            small.append(("dD_part", (Bsz, Dsz), real_w))
+            small.append(("dD_part", (SB, Dsz), real_w))
         if spec.has_delta_bias:
-            small.append(("ddelta_bias_part", (Bsz, Dsz), real_w))
+            small.append(("ddelta_bias_part", (SB, Dsz), real_w))
+        if plan.n_seg > 1:
+            small.append(("carry", (Bsz, Dsz, plan.n_seg, 2, N), wdt))
         self.small_names = [n for n, _, _ in small]
         self.small_layout, self.small_bytes = _layout([(sh, dt) for _, sh, dt in small])
         self.var_names = [n for n, _, _ in var]
@@ -467,14 +516,14 @@ class _BwdMode:
         # launch. Each gradient gets its own allocation, also where K = 1 (a copy): returning
         # views of the shared temporaries would alias the returns (custom ops forbid it) and keep
         # the temporaries alive.
-        folds = [("dA", "dA_part", Bsz, (Dsz, N), plan.A_dtype)]
+        folds = [("dA", "dA_part", SB, (Dsz, N), plan.A_dtype)]
         for g, part, is_var, shape, dt in (("dB", "dB_part", spec.var_b, plan.B_shape, plan.B_dtype),
                                            ("dC", "dC_part", spec.var_c, plan.C_shape, plan.C_dtype)):
-            folds.append((g, part, bpg if is_var else Bsz, shape, dt))
+            folds.append((g, part, bpg if is_var else SB, shape, dt))
         if spec.has_D:
-            folds.append(("dD", "dD_part", Bsz, (Dsz,), real_w))
+            folds.append(("dD", "dD_part", SB, (Dsz,), real_w))
         if spec.has_delta_bias:
-            folds.append(("ddelta_bias", "ddelta_bias_part", Bsz, (Dsz,), real_w))
+            folds.append(("ddelta_bias", "ddelta_bias_part", SB, (Dsz,), real_w))
         self.kernel_folds = []
         for g, part, K, shape, dt in folds:
             size = int(np.prod(shape))
@@ -488,13 +537,16 @@ class _BwdPlan:
     """A validated backward layout: allocates the gradients and launches with pointers only."""
 
     _OUT_PTRS = ("du", "ddelta", "dz", "dinitial_state", "dA_part", "dB_part", "dC_part", "dD_part",
-                 "ddelta_bias_part")
+                 "ddelta_bias_part", "carry")
 
     def __init__(self, spec: SelectiveScanSpec, arrays: dict):
         self.spec = spec
         Bsz, Dsz, L, N, G = spec.batch, spec.dim, spec.seqlen, spec.dstate, spec.groups
         warps, bpg, smem = _launch_shape(spec, bwd_smem)
         self.bpg = bpg
+        n_chunks = -(-L // SAVE_EVERY)
+        blocks = Bsz * G * bpg
+        self.n_seg, seg_chunks = bwd_segments(blocks, n_chunks, _block_slots(spec, smem))
         self.in_dtype = arrays["u"].dtype
         wdt = spec.w_dtype
         act = (Bsz, Dsz, L)
@@ -508,7 +560,7 @@ class _BwdPlan:
         f = _common_fields(spec, *(arrays[k] for k in _NAMES))
         sdo = strides_elems(arrays["dout"])
         c = (Dsz * L, L, 1)
-        f.update(blocks_per_group=bpg, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
+        f.update(blocks_per_group=bpg, n_seg=self.n_seg, seg_chunks=seg_chunks, dout_b=sdo[0], dout_d=sdo[1], dout_l=sdo[2],
                  du_b=c[0], du_d=c[1], du_l=c[2], ddelta_b=c[0], ddelta_d=c[1], ddelta_l=c[2],
                  dz_b=c[0], dz_d=c[1], dz_l=c[2],
                  vec_ok=int(vec_ok(spec, arrays, (arrays["dout"],))
@@ -520,7 +572,8 @@ class _BwdPlan:
         self.ptr_index = [PARAMS.index(n) for n in _NAMES + ("dout", "dlast_state", "saved_states", "y_saved")]
         self.out_slot = {n: PARAMS.index(n) for n in self._OUT_PTRS}
         self.atomic_index = PARAMS.index("bc_atomic")
-        self.launch = prepare(bwd_ref(spec.config), grid=(Bsz * G * bpg,), block=(32, warps), shared_mem=smem)
+        self.carry_pass_index = PARAMS.index("carry_pass")
+        self.launch = prepare(bwd_ref(spec.config), grid=(self.n_seg * blocks,), block=(32, warps), shared_mem=smem)
         self.modes = {}
 
     def __call__(self, ptrs, deterministic: bool):
@@ -548,6 +601,10 @@ class _BwdPlan:
             parts.update(zip(mode.var_names, _carve(vmem, mode.var_layout)))
         for name, a in parts.items():
             row[mode.slot[name]] = a.data.ptr
+        if self.n_seg > 1:                              # segments' carries first
+            row[self.carry_pass_index] = 1
+            self.launch((PARAMS.pack_row(row),))
+            row[self.carry_pass_index] = 0
         self.launch((PARAMS.pack_row(row),))
         grads, fold_parts, fold_outs = {}, [], []
         for g, part, _, _, shape, dt in mode.kernel_folds:
