@@ -170,11 +170,11 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             for (int i = T - 1; i >= 0; --i) {
                 dh[i] = readout_grad(Cv(i), dy[i]) + X;
                 const S hp = i > 0 ? h[i - 1] : h_in;
-                const S P = dh[i] * conj(hp) * conj(dA[i]);
+                X = conj(dA[i]) * dh[i];                 // the carry to step i - 1
+                const S P = X * conj(hp);                 // = G_a conj(a): one multiply
                 ddl[i] += re_part(P * conj(Araw));
                 dA_sum += P * dl[i];
                 Sb[i] += re_part(dh[i] * conj(Bv(i)));
-                X = conj(dA[i]) * dh[i];
             }
 #undef Bv
 #undef Cv
