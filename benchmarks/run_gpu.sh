@@ -2,7 +2,7 @@
 # The one GPU job: the GPU test suite, the benchmarks and compute-sanitizer, writing logs and
 # JSON under $OUT (at most 8 files come back from the device tool).
 #
-#   bash benchmarks/run_gpu.sh [tests] [bench] [sanitize]      (default: all three)
+#   bash benchmarks/run_gpu.sh [tests] [bench] [sanitize] [demo]      (default: all four)
 #
 # Files: run.log (summary), tests.log, sanitize.log, selective_scan.json, causal_conv1d.json,
 # decode.json, torch_overhead.json.
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/ssmkit_cupy_cache}
 PY=${PY:-python3}
 JOBS=${JOBS:-12}
-steps="${*:-tests bench sanitize}"
+steps="${*:-tests bench sanitize demo}"
 LOG="$OUT/run.log"
 {
   echo "== $(date -u) steps: $steps"
@@ -52,5 +52,12 @@ if [[ " $steps " == *" sanitize "* ]]; then
     done
   done
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=" "$SAN" | tee -a "$LOG"
+fi
+if [[ " $steps " == *" demo "* ]]; then
+  for size in small large; do
+    echo "== python -m ssmkit.demo --size $size" | tee -a "$LOG"
+    timeout 120 $PY -m ssmkit.demo --size $size 2>&1 | tail -25 | tee -a "$LOG"
+    echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"
+  done
 fi
 echo "== done $(date -u)" | tee -a "$LOG"
