@@ -16,13 +16,20 @@
 // additionally checks the actual address alignment of each row / thread base before it uses a
 // vector access, so a misaligned view takes the scalar path and is still correct.
 //
-// * channel-first (the time axis is contiguous): one warp per (b, d) row and time segment of
-//   32 * kItems steps; each lane owns kItems consecutive steps (16-byte vector loads). The W-1
-//   steps before a lane's first one (the halo) come from the previous lane by shuffles; lane 0
-//   reads them from global memory (L1/L2 hits: the previous segment's warp loads those lines) or
-//   from initial_states. A block is 4 warps = 4 channels of one batch row at one segment, so
-//   seq_idx loads are shared through L1. No shared memory, no block barrier.
-//   Grid: blockIdx.x = (b * n_dgroups + dgroup) * n_seg + seg.
+// * channel-first (the time axis is contiguous): a segment is 32 * kItems steps of one (b, d)
+//   row, each lane owning kItems consecutive steps (16-byte vector loads). The W-1 steps before a
+//   lane's first one (the halo) come from the previous lane by shuffles; lane 0 gets them from
+//   global memory (L1/L2 hits: the warp of the segment before loads those lines) or
+//   initial_states. A block is 4 warps = 4 channels of one batch row, so seq_idx loads are shared
+//   through L1. No shared memory, no block barrier. Two kernels, chosen by x's dtype on the host:
+//   - 16-bit types, causal_conv1d_fwd_cf (pipelined): 16 steps (32 bytes) per lane; one warp
+//     walks a group of seg_iters consecutive segments of its row (host: 2), loading the next
+//     segment while it computes the current one; lane 0 of a later segment takes its halo from
+//     lane 31 of the one before.
+//   - fp32 / fp64, causal_conv1d_fwd_cf_single: one segment per warp, 8 steps per lane (32 / 64
+//     bytes), one round of loads.
+//   Grid: blockIdx.x = (b * n_dgroups + dgroup) * n_seg + group  (n_seg: segment groups per row;
+//   a group is one segment for the single-round kernel).
 //
 // * channel-last (the channel axis is contiguous): each thread owns kVec consecutive channels
 //   (one 8-byte vector) and kSteps consecutive time steps, sliding the window in registers; its
@@ -64,12 +71,14 @@ struct ConvFwdParams {
     int64_t init_b, init_d, init_k;
     int64_t out_b, out_d, out_l;
     int64_t fin_b, fin_d, fin_k;
-    int64_t n_seg;                 // grid decode: time segments (channel-first) / time blocks (channel-last)
+    int64_t n_seg;                 // grid decode: segment groups (channel-first) / time blocks (channel-last)
     int64_t n_dgroups;             // grid decode: channel groups (channel-first) / channel blocks (channel-last)
     int32_t silu;                  // activation silu/swish
     int32_t x_vec;                 // x's vector axis has unit stride
     int32_t out_vec;               // out's vector axis has unit stride
     int32_t seq_vec;               // seq_idx's time axis has unit stride (channel-first)
+    int32_t seg_iters;             // channel-first, 16-bit: segments per warp (a group), >= 1
+    int32_t pad_;
 };
 
 struct ConvBwdParams {
@@ -154,11 +163,21 @@ static_assert(kConvCFBwdIters >= 1 && kConvCLBwdIters >= 1 && kConvMaxWidth == 8
               kConvReduceThreads % 32 == 0, "launch constants (mirrored in ssmkit/ops/causal_conv1d.py)");
 
 template <typename T> struct ConvTraits {
-    // Channel-first forward: 64 bytes per lane (four 16-byte loads in flight per lane; 32 steps
-    // of bf16, 16 of fp32, 8 of fp64). With 32 bytes per lane the forward reached only ~2.1 TB/s
-    // in bf16 (48% of the copy rate; 0.82-0.97x upstream). kItems >= 8 > W-1, so a lane's halo
-    // always lies within the previous lane.
-    static constexpr int kFwdItems = sizeof(T) == 4 ? 8 : 64 / sizeof(T);
+    // Channel-first forward: 16 steps per lane for 16-bit types (32 bytes, pipelined kernel), 8
+    // for fp32 and fp64 (32 / 64 bytes, single-round kernel). Measured on the H200, width 4, silu,
+    // bias, call time from Python in ms for b8 d3072 l2048 / b4 d8192 l2048 / b1 d10240 l8192
+    // (upstream causal_conv1d: bf16 0.0953 / 0.1200 / 0.1299, fp32 0.1472 / 0.1703 / 0.2136):
+    //   bf16 single-round, 64 B per lane          0.0947 / 0.1216 / 0.1475
+    //   bf16 pipelined, 64 B, 80 regs, 4-8 segs   0.1059 / 0.1329 / 0.1767
+    //   bf16 pipelined, 32 B, 64 regs, 1 seg      0.0916 / 0.1162 / 0.1475
+    //                                  2 segs     0.0825 / 0.1032 / 0.1244  (shipped)
+    //                                  4 segs     0.0838 / 0.1053 / 0.1257
+    //   bf16 pipelined, 64 B, 94 regs, 2 segs     0.0913 / 0.1157 / 0.1377
+    //   fp32 single-round, 32 B, 40 regs          0.1198 / 0.1531 / 0.1890  (shipped)
+    //   fp32 pipelined, 32 B, 64 regs, 2 segs     0.1584 / 0.2013 / 0.2510 (71 regs: 0.1420 / 0.1841 /
+    //                                             0.2248; 64 B per lane: slower still)
+    // kItems >= 8 > W-1, so a lane's halo always lies within the previous lane.
+    static constexpr int kFwdItems = sizeof(T) == 2 ? 16 : 8;
     // Channel-first backward: 8 steps per lane (x and dout: 16 bytes each for 16-bit types);
     // 16 bf16 steps would need ~150 registers (x, dout, dpre and seq windows).
     static constexpr int kBwdItems = 8;
@@ -172,6 +191,19 @@ template <typename T> struct ConvTraits {
     static constexpr int kBwdSteps = 8;
     static_assert(kFwdItems > kConvMaxWidth - 1 && kBwdItems > kConvMaxWidth - 1,
                   "a channel-first lane's halo must lie within its neighbour");
+    static_assert(kFwdItems * sizeof(T) % 16 == 0, "channel-first forward: whole 16-byte words per lane");
+};
+
+// Register cap of the pipelined channel-first forward (16-bit types): minimum resident 128-thread
+// blocks per SM. 8 (64 registers, 32 warps per SM) for W = 4 without seq_idx is measured (see
+// ConvTraits; 72 registers uncapped). Elsewhere the largest count at which ptxas (CUDA 13, sm_90)
+// spills nothing inside a loop (checked in the SASS; up to 32 bytes spilled before or after the
+// segment loops are allowed: fp16 W 4-5, and W 2-5 and 8 with seq_idx). Registers bf16 / fp16:
+//   no seq_idx: W 2-5 -> 8 blocks (64 / 64), W 6-8 -> 7 (72 / 72)
+//   seq_idx:    W 2-3 -> 7 (72 / 72), W 4-5 -> 6 (80 / 80), W 6-8 -> 5 (95-96 / 95-96)
+// With seq_idx there is no prefetch (see the kernel) and the ids take registers besides x.
+template <int kW, bool kSeq> struct ConvFwdCFMinBlocks {
+    static constexpr int value = kSeq ? (kW <= 3 ? 7 : kW <= 5 ? 6 : 5) : (kW <= 5 ? 8 : 7);
 };
 
 // ---- small helpers -------------------------------------------------------------------------
@@ -187,6 +219,27 @@ template <typename T, int N> union ConvPacked {
     typename ConvRaw<sizeof(T) * N>::type raw;
     T v[N];
 };
+
+// An opaque copy: the compiler cannot see through it, so it cannot hoist work derived from it
+// out of a loop (no instruction is emitted).
+__device__ __forceinline__ void conv_opaque(int64_t& v) { asm volatile("" : "+l"(v)); }
+
+// One 16-byte store of 16 bytes of values. A plain uint4 store let NVVM split the first word of
+// every lane into four 32-bit stores (PTX of the channel-first forward; conv_store_row, which the
+// single-round kernel keeps as measured, still shows it for fp32); the inline PTX keeps it one
+// vector store.
+__device__ __forceinline__ void conv_store16(void* p, uint4 v) {
+    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+__device__ __forceinline__ uint32_t conv_pair(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+__device__ __forceinline__ uint4 conv_words(const bf16* v) {
+    return make_uint4(conv_pair(v[0].bits, v[1].bits), conv_pair(v[2].bits, v[3].bits),
+                      conv_pair(v[4].bits, v[5].bits), conv_pair(v[6].bits, v[7].bits));
+}
+__device__ __forceinline__ uint4 conv_words(const f16* v) {
+    return make_uint4(conv_pair(v[0].bits, v[1].bits), conv_pair(v[2].bits, v[3].bits),
+                      conv_pair(v[4].bits, v[5].bits), conv_pair(v[6].bits, v[7].bits));
+}
 
 template <int kBytes>
 __device__ __forceinline__ bool conv_aligned(const void* p) {
@@ -225,6 +278,9 @@ __device__ __forceinline__ double conv_shfl_down(double v) { return __shfl_down_
 __device__ __forceinline__ int conv_shfl_down(int v) { return __shfl_down_sync(0xffffffffu, v, 1); }
 __device__ __forceinline__ float conv_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 __device__ __forceinline__ double conv_shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ float conv_shfl_idx(float v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+__device__ __forceinline__ double conv_shfl_idx(double v, int src) { return __shfl_sync(0xffffffffu, v, src); }
+__device__ __forceinline__ int conv_shfl_idx(int v, int src) { return __shfl_sync(0xffffffffu, v, src); }
 
 // Load N consecutive elements (indices t0 .. t0+N-1 of a row with element stride `stride`) as
 // compute values; indices >= len give 0. `vec` = the row has unit stride and a 16-byte aligned
@@ -400,12 +456,221 @@ __device__ __forceinline__ void conv_load_prev_halo(A* hx, int* hs, const T* x, 
 // Forward, channel-first
 // ============================================================================================
 
+// Load N consecutive row elements (indices t0 .. t0+N-1) as raw 16-byte words, unconverted;
+// indices >= len give 0. The forward keeps the next segment's inputs in this form while it
+// computes the current one (half the registers of fp32 values for 16-bit types).
+// Unit stride and a 16-byte aligned row (t0 a multiple of 16 / sizeof(T)): 16-byte vectors; a
+// lane that straddles len loads its elements one by one at constant offsets.
+template <int N, typename T>
+__device__ __forceinline__ void conv_load_row_raw_vec(ConvPacked<T, 16 / sizeof(T)>* raw, const T* row, int64_t t0,
+                                                      int64_t len) {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(N % kPer == 0, "row loads are whole 16-byte vectors");
+    const T* src = row + t0;
+    if (t0 + N <= len) {
+#pragma unroll
+        for (int c = 0; c < N / kPer; ++c) raw[c].raw = reinterpret_cast<const uint4*>(src)[c];
+    } else {
+        const int64_t n = len - t0;  // may be <= 0
+#pragma unroll
+        for (int c = 0; c < N / kPer; ++c) {
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) raw[c].v[i] = c * kPer + i < n ? src[c * kPer + i] : T{};
+        }
+    }
+}
+
+// The same for any stride (scalar loads). The address walks by `stride`, one add per element, so
+// that no table of per-element offsets is held in registers.
+template <int N, typename T>
+__device__ __forceinline__ void conv_load_row_raw(ConvPacked<T, 16 / sizeof(T)>* raw, const T* row, int64_t t0,
+                                                  int64_t len, int64_t stride) {
+    constexpr int kPer = 16 / sizeof(T);
+    const int64_t n = len - t0;
+    const T* q = row + t0 * stride;
+#pragma unroll
+    for (int c = 0; c < N / kPer; ++c) {
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+            raw[c].v[i] = c * kPer + i < n ? *q : T{};
+            q += stride;
+        }
+    }
+}
+
+// One lane's part of one channel-first forward segment: outputs at steps t0 .. t0+kItems-1 from
+// the raw inputs xr / sr (seq ids, kSeq only). The halo (the kH steps before t0) is the previous
+// lane's last steps; lane 0 takes it from hx / hs and receives lane 31's last steps there: the
+// next segment's halo. Each 16-byte word of outputs is stored as soon as it is complete, which
+// keeps few values live.
+template <int kW, bool kSeq, int kItems, typename T, typename A>
+__device__ __forceinline__ void conv_fwd_cf_segment(const ConvPacked<T, 16 / sizeof(T)>* xr,
+                                                    const ConvPacked<int32_t, 4>* sr, A* hx, int* hs, const A* w,
+                                                    A bias, bool silu, int lane, T* out, int64_t t0, int64_t L,
+                                                    int64_t out_l, bool ovec) {
+    constexpr int kH = kW - 1;
+    constexpr int kPer = 16 / sizeof(T);
+    const int prev = (lane + 31) & 31;
+    A xv[kH + kItems];     // [0, kH): halo (times t0-kH .. t0-1); [kH, kH+kItems): own steps
+    int sv[kH + kItems];   // their seq ids (kSeq only)
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+        xv[kH + i] = A(conv_val(xr[i / kPer].v[i % kPer]));
+        sv[kH + i] = kSeq ? sr[i / 4].v[i % 4] : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+        const A v = conv_shfl_idx(xv[kItems + j], prev);
+        xv[j] = lane == 0 ? hx[j] : v;
+        hx[j] = v;
+        if (kSeq) {
+            const int sj = conv_shfl_idx(sv[kItems + j], prev);
+            sv[j] = lane == 0 ? hs[j] : sj;
+            hs[j] = sj;
+        }
+    }
+    const bool vstore = ovec && t0 + kItems <= L;
+#pragma unroll
+    for (int c = 0; c < kItems / kPer; ++c) {
+        T ov[kPer];
+#pragma unroll
+        for (int i = c * kPer; i < (c + 1) * kPer; ++i)
+            ov[i - c * kPer] =
+                Convert<T>::from(conv_out<kW, kSeq>(w, bias, xv + i, sv + i, kSeq ? sv[kH + i] : 0, silu));
+        if (vstore) {
+            conv_store16(out + t0 + c * kPer, conv_words(ov));
+        } else {
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int64_t t = t0 + c * kPer + i;
+                if (t < L) out[t * out_l] = ov[i];
+            }
+        }
+    }
+}
+
+// One warp walks p.seg_iters consecutive segments of its row (a segment group; host-chosen, a
+// runtime value: no extra instantiations). With unit-stride aligned x the next segment's loads
+// are issued before the current segment's math and stores, so a warp keeps a segment of loads
+// in flight while it computes. Why: with one round of loads per warp the bf16 forward measured
+// ~2.2 TB/s, half the copy rate; the likely cause is that a warp in its compute phase (2 MUFU ops
+// per output: ~32 us of special-function time for a 268 MB row set on the H200, next to ~63 us
+// of copy time) has no loads in flight. Measured: 2 segments per warp 10-16% faster than 1,
+// 4 segments 1-2% slower than 2 (ConvTraits). Other layouts load each segment at
+// the top of its iteration (scalar loads; the correctness path). Only a group's first segment
+// reads its halo from global memory or initial_states; later ones take it from the previous
+// segment's last lane.
 template <typename T, typename TW, int kW, bool kSeq>
-__global__ void __launch_bounds__(32 * kConvCFWarps)
+__global__ void __launch_bounds__(32 * kConvCFWarps, ConvFwdCFMinBlocks<kW, kSeq>::value)
 causal_conv1d_fwd_cf(const ConvFwdParams p) {
     typedef typename Acc<T>::type A;
     constexpr int kItems = ConvTraits<T>::kFwdItems;
     constexpr int kH = kW - 1;
+    constexpr int kSeg = 32 * kItems;
+    constexpr int kPer = 16 / sizeof(T);          // x elements per 16-byte word
+    static_assert(sizeof(T) == 2, "fp32 / fp64 run causal_conv1d_fwd_cf_single");
+    static_assert(kH < kItems, "a lane's halo must lie within the previous lane");
+    static_assert(kItems % 4 == 0, "seq ids travel as 16-byte words of 4");
+    // With seq_idx a lane holds kItems int32 ids besides x: prefetching both would double that
+    // (at 64 bytes per lane ~160-180 registers, or spills under a cap; ptxas -v), so the next segment's loads are
+    // issued at the top of its iteration instead (the kernel before pipelining, looped).
+    constexpr bool kPrefetch = !kSeq;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t blk = blockIdx.x;
+    const int64_t grp = blk % p.n_seg;
+    const int64_t rest = blk / p.n_seg;
+    const int64_t b = rest / p.n_dgroups;
+    const int64_t d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    if (d >= p.dim) return;  // warp-uniform: the shuffles below see full warps
+    const int64_t L = p.seqlen;
+    const int64_t s_first = grp * p.seg_iters;                        // < ceil(L / kSeg) (host)
+    const int64_t s_end = min(s_first + p.seg_iters, (L + kSeg - 1) / kSeg);
+
+    const T* x = (const T*)p.x + b * p.x_b + d * p.x_d;
+    const int32_t* seq = p.seq_idx + b * p.seq_b;
+    const T* init = (const T*)p.initial_states + b * p.init_b + d * p.init_d;
+    T* out = (T*)p.out + b * p.out_b + d * p.out_d;
+    // warp-uniform: every lane's base is the row's base plus a multiple of 16 bytes
+    const bool fast = p.x_vec && conv_aligned<16>(x) && (!kSeq || (p.seq_vec && conv_aligned<16>(seq)));
+    const bool ovec = p.out_vec && conv_aligned<16>(out);
+
+    // Raw inputs of the current (xr, sr) and, when prefetching, the next (xn) segment.
+    ConvPacked<T, kPer> xr[kItems / kPer], xn[kItems / kPer];
+    ConvPacked<int32_t, 4> sr[kItems / 4];  // (kSeq only)
+    if (kPrefetch && fast) conv_load_row_raw_vec<kItems>(xr, x, s_first * kSeg + lane * kItems, L);
+    // Lane 0: the halo of the current segment (times t0-kH .. t0-1) and its seq ids.
+    A hx[kH];
+    int hs[kH];
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+        hx[j] = A(0);
+        hs[j] = 0;
+    }
+    if (lane == 0)  // the group's first step, < L
+        conv_load_prev_halo<kH, kSeq>(hx, hs, x, p.x_l, init, p.init_k, p.initial_states != nullptr, seq, p.seq_l,
+                                      s_first * kSeg);
+
+    A w[kW];
+#pragma unroll
+    for (int k = 0; k < kW; ++k) w[k] = A(conv_val(((const TW*)p.weight)[d * p.w_d + k * p.w_k]));
+    const A bias = p.bias ? A(conv_val(((const TW*)p.bias)[d * p.bias_s])) : A(0);
+    const bool silu = p.silu;
+
+    // Two loops, so that what the compiler hoists out of one is not live in the other.
+    if (fast) {
+        for (int64_t s = s_first; s < s_end; ++s) {
+            const int64_t t0 = s * kSeg + lane * kItems;
+            if (kPrefetch) {
+                if (s + 1 < s_end)  // warp-uniform; in flight during the math and stores below
+                    conv_load_row_raw_vec<kItems>(xn, x, t0 + kSeg, L);
+            } else {
+                conv_load_row_raw_vec<kItems>(xr, x, t0, L);
+                conv_load_row_raw_vec<kItems>(sr, seq, t0, L);
+            }
+            conv_fwd_cf_segment<kW, kSeq, kItems>(xr, sr, hx, hs, w, bias, silu, lane, out, t0, L, p.out_l, ovec);
+            if (kPrefetch) {
+#pragma unroll
+                for (int c = 0; c < kItems / kPer; ++c) xr[c] = xn[c];
+            }
+        }
+    } else {
+        for (int64_t s = s_first; s < s_end; ++s) {
+            const int64_t t0 = s * kSeg + lane * kItems;
+            // strides as opaque per-iteration values: otherwise the compiler hoists the offsets
+            // i * stride (kItems per array) out of the loop into registers
+            int64_t x_l = p.x_l, seq_l = p.seq_l, out_l = p.out_l;
+            conv_opaque(x_l);
+            conv_opaque(seq_l);
+            conv_opaque(out_l);
+            conv_load_row_raw<kItems>(xr, x, t0, L, x_l);
+            if (kSeq) conv_load_row_raw<kItems>(sr, seq, t0, L, seq_l);
+            conv_fwd_cf_segment<kW, kSeq, kItems>(xr, sr, hx, hs, w, bias, silu, lane, out, t0, L, out_l, ovec);
+        }
+    }
+
+    if (p.final_states && s_end * kSeg >= L && lane < kH) {
+        // The group with the row's last step: final_states[j] = xx[L - kH + j], the raw extended
+        // input's last kH steps, read again (cache hits) rather than picked from registers.
+        const int64_t t = L - kH + lane;
+        T v = T{};
+        if (t >= 0) v = x[t * p.x_l];
+        else if (p.initial_states) v = init[(kH + t) * p.init_k];
+        ((T*)p.final_states + b * p.fin_b + d * p.fin_d)[lane * p.fin_k] = v;
+    }
+}
+
+// fp32 / fp64: one segment per warp, one round of loads (the channel-first forward before the
+// pipelined kernel, unchanged; 40 registers for fp32 W = 4). It beats the pipelined kernel for
+// 4-byte types by 1.3x (measured: see ConvTraits): with 8 fp32 steps per lane the pipelined
+// kernel's extra registers cost more occupancy than the prefetch wins.
+template <typename T, typename TW, int kW, bool kSeq>
+__global__ void __launch_bounds__(32 * kConvCFWarps)
+causal_conv1d_fwd_cf_single(const ConvFwdParams p) {
+    typedef typename Acc<T>::type A;
+    constexpr int kItems = ConvTraits<T>::kFwdItems;
+    constexpr int kH = kW - 1;
+    static_assert(sizeof(T) >= 4, "16-bit types run the pipelined causal_conv1d_fwd_cf");
     static_assert(kH < kItems, "a lane's halo must lie within the previous lane");
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;

@@ -211,6 +211,9 @@ def test_numpy_update_is_reference(p, use_out):
 def test_kernel_refs_and_variants():
     assert op.kernel_ref("fwd_cf", "bfloat16", "float32", 4, False).name == \
         "ssm::causal_conv1d_fwd_cf<ssm::bf16, float, 4, false>"
+    # the channel-first forward: pipelined kernel for 16-bit types, single-round for fp32 / fp64
+    assert op.kernel_ref("fwd_cf", "float32", "float32", 4, True).name == \
+        "ssm::causal_conv1d_fwd_cf_single<float, float, 4, true>"
     assert op.kernel_ref("bwd_cl", "float64", "float64", 8, True).name == \
         "ssm::causal_conv1d_bwd_cl<double, double, 8, true>"
     assert op.kernel_ref("update", "float16", "float16", sdtype="float32").name == \
@@ -221,6 +224,12 @@ def test_kernel_refs_and_variants():
     assert len(refs) == 6 * 4 * 7 * 2 + 10 + 4 == len(set(refs))
     assert all(r.file == "causal_conv1d.cu" for r in refs)
     assert len(op.variants(dtype="bfloat16", width=4, kind="fwd_cf")) == 4
+    cf = [r.name for r in op.variants(kind="fwd_cf")]
+    assert len(cf) == 6 * 7 * 2
+    pipelined = [n for n in cf if n.startswith("ssm::causal_conv1d_fwd_cf<")]
+    single = [n for n in cf if n.startswith("ssm::causal_conv1d_fwd_cf_single<")]
+    assert len(pipelined) == 4 * 7 * 2 and all(n.split("<")[1].startswith(("ssm::bf16", "ssm::f16")) for n in pipelined)
+    assert len(single) == 2 * 7 * 2 and all(n.split("<")[1].startswith(("float", "double")) for n in single)
     from ssmkit._registry import variants
 
     assert len(variants(OPN)) == len(refs)
@@ -327,13 +336,36 @@ def test_host_fwd_channel_first(fake_device):
     assert (prm["out_b"], prm["out_d"], prm["out_l"]) == (D * L, L, 1)
     assert (prm["fin_b"], prm["fin_d"], prm["fin_k"]) == (D * (W - 1), W - 1, 1)
     assert prm["x_vec"] == 1 and prm["out_vec"] == 1 and prm["seq_vec"] == 1 and prm["silu"] == 1
-    assert prm["n_seg"] == -(-L // (32 * op._cf_fwd_items(2))) and prm["n_dgroups"] == -(-D // 4)
+    # 16-bit: 512-step segments, 2 per row = one group of the default 2 segments per warp
+    assert prm["seg_iters"] == 2 and prm["n_seg"] == 1 and prm["n_dgroups"] == -(-D // 4)
     assert grid == (B * prm["n_seg"] * prm["n_dgroups"], 1, 1) and block == (128, 1, 1)
     assert out.shape == (B, D, L) and out.flags.c_contiguous and fin.shape == (B, D, W - 1)
     # same signature, new buffers: cache hit, new pointers
     x2 = make((B, D, L), np.float16)
     ssmkit.causal_conv1d(x2, w, b, "silu", seq_idx=seq, return_final_states=True)
     assert len(op._FWD_PLANS) == 1 and int(_params(op.PARAMS_FWD, launches[-1][3])["x"]) == x2.data.ptr
+
+
+def test_host_fwd_segment_groups(fake_device, monkeypatch):
+    """Channel-first forward: 16-bit types run the pipelined kernel with n_seg groups of seg_iters
+    segments (default 2, clamped to the row); fp32 / fp64 the single-round kernel, one segment per
+    warp whatever _CF_FWD_SEGS says."""
+    make, launches = fake_device
+    B, D, L, W = 1, 8, 5000, 4
+    assert op._CF_FWD_SEGS == 2
+    for dt, name, items in ((np.float16, "fwd_cf", 16), (np.float32, "fwd_cf_single", 8),
+                            (np.float64, "fwd_cf_single", 8)):
+        x, w = make((B, D, L), dt), make((D, W), dt)
+        segs_row = -(-L // (32 * items))
+        for setting in (2, 1, 3, 64):
+            monkeypatch.setattr(op, "_CF_FWD_SEGS", setting)
+            op._FWD_PLANS.clear()
+            ssmkit.causal_conv1d(x, w)
+            prm = _params(op.PARAMS_FWD, launches[-1][3])
+            want = min(setting, segs_row) if name == "fwd_cf" else 1
+            assert launches[-1][0].startswith(f"ssm::causal_conv1d_{name}<"), launches[-1][0]
+            assert prm["seg_iters"] == want and prm["n_seg"] == -(-segs_row // want), (dt, setting)
+            assert launches[-1][1][0] == B * prm["n_dgroups"] * prm["n_seg"]
 
 
 def test_host_fwd_channel_last_and_strided(fake_device):
@@ -354,7 +386,7 @@ def test_host_fwd_channel_last_and_strided(fake_device):
     ssmkit.causal_conv1d(xs, w, out=make((B, D, L), np.float32))
     name, grid, block, blob = launches[-1]
     prm = _params(op.PARAMS_FWD, blob)
-    assert name.startswith("ssm::causal_conv1d_fwd_cf<float") and prm["x_vec"] == 0 and prm["x_l"] == 2
+    assert name.startswith("ssm::causal_conv1d_fwd_cf_single<float") and prm["x_vec"] == 0 and prm["x_l"] == 2
     assert prm["out_vec"] == 1
 
 
@@ -624,6 +656,49 @@ def test_gpu_fwd_seq_idx_states(layout, init, L):
         _check_fwd(p, "float32", "float32", layout, True, False)
     # initial_states without seq_idx
     _check_fwd(_pinned(2, 21, L, 4, init=True), "float32", "float32", layout, True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("segs", [2, 4, 8])
+@pytest.mark.parametrize("layout", ["cf", "cf_misaligned", "strided"])
+def test_gpu_fwd_segment_groups(segs, layout, monkeypatch):
+    """Pipelined channel-first forward (16-bit types) with several segments per warp: the
+    prefetch, the halo carried from lane 31 of one segment to lane 0 of the next, a partial last
+    group and a partial last segment; seq_idx, initial and final states. Also bitwise equal to one
+    segment per warp."""
+    from gpu_util import sync_check
+
+    L = 5 * 1024 + 37        # 11 segments of 512 steps: partial last segment and last group
+    for W in (2, 4, 8):
+        for seq in (None, _seq_packed(2, L, seed=W)):
+            p = _pinned(2, 6, L, W, seed=W, seq=seq, init=True)
+            xd, wd = "bfloat16", "float32"
+            monkeypatch.setattr(op, "_CF_FWD_SEGS", segs)
+            monkeypatch.setattr(op, "_FWD_PLANS", {})
+            _check_fwd(p, xd, wd, layout, True, True)
+            dev, _ = _fwd_inputs(p, xd, wd, layout)
+            act = p["activation"]
+            got, fin = ssmkit.causal_conv1d(**dev, activation=act, return_final_states=True)
+            monkeypatch.setattr(op, "_CF_FWD_SEGS", 1)
+            monkeypatch.setattr(op, "_FWD_PLANS", {})
+            one, fin1 = ssmkit.causal_conv1d(**dev, activation=act, return_final_states=True)
+            sync_check()
+            assert _get(got).tobytes() == _get(one).tobytes(), (W, seq is not None)
+            assert _get(fin).tobytes() == _get(fin1).tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["cf", "cf_misaligned", "strided"])
+@pytest.mark.parametrize("dt", [("float32", "float32"), ("float64", "float64"), ("float16", "float32")])
+def test_gpu_fwd_channel_first_kernels(dt, layout):
+    """Both channel-first forward kernels (single-round: fp32, fp64; pipelined: fp16, at the
+    default segments per warp) on rows of many segments with a partial last one, every width
+    class, with and without seq_idx; initial and final states."""
+    L = 5 * 1024 + 37
+    for W in (2, 4, 8):
+        for seq in (None, _seq_packed(2, L, seed=W)):
+            _check_fwd(_pinned(2, 6, L, W, seed=W, seq=seq, init=True), dt[0], dt[1], layout, True, True)
+    _check_fwd(_pinned(2, 6, 3, 4, seed=1, init=True), dt[0], dt[1], layout, True, False)     # L < W
 
 
 def _check_bwd(p, xd, wd, layout, use_dfinal, seed=0, dout_layout=None):

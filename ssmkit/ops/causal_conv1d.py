@@ -16,7 +16,8 @@ fp64).
 
 Layouts: any strides. x with a unit channel stride (a (B, D, L) view of a (B, L, D) array) runs
 the channel-last kernel and gets channel-last outputs; everything else runs the channel-first
-kernel. Vector loads are used where the vector axis has unit stride and the address is aligned
+kernels (forward: a pipelined kernel for 16-bit types, a single-round one for fp32 / fp64; see
+``_CF_FWD``). Vector loads are used where the vector axis has unit stride and the address is aligned
 (checked on the device per row / per thread), scalar loads elsewhere.
 
 NumPy inputs run the float64 reference (``ssmkit.reference``); CuPy inputs run
@@ -67,8 +68,19 @@ _UPDATE_THREADS = 128          # kConvUpdateThreads
 _REDUCE_THREADS = 256          # kConvReduceThreads
 
 
-def _cf_fwd_items(itemsize: int) -> int:    # ConvTraits::kFwdItems
-    return 8 if itemsize == 4 else 64 // itemsize
+# Channel-first forward, per x dtype: (kernel kind, steps per lane = ConvTraits::kFwdItems,
+# pipelined). 16-bit types run the pipelined kernel (a warp walks seg_iters segments of its row,
+# loading the next while it computes the current one), fp32 / fp64 the single-round kernel (one
+# segment per warp): the faster of the two per dtype, measured on the H200 (see ConvTraits in
+# kernels_cu/causal_conv1d.cu).
+_CF_FWD = {"float16": ("fwd_cf", 16, True), "bfloat16": ("fwd_cf", 16, True),
+           "float32": ("fwd_cf_single", 8, False), "float64": ("fwd_cf_single", 8, False)}
+# Segments per warp of the pipelined kernel (clamped to the row's segment count). Measured on the
+# H200, bf16 width 4, call ms for b8 d3072 l2048 / b4 d8192 l2048 / b1 d10240 l8192: 1 segment
+# 0.0916 / 0.1162 / 0.1475, 2: 0.0825 / 0.1032 / 0.1244, 4: 0.0838 / 0.1053 / 0.1257, 8 (last
+# row): 0.1308; a heuristic of ~8 KB of x per warp and >= 16k warps (4 / 4 / 8 segments): 0.0845 /
+# 0.1046 / 0.1314. benchmarks/probe_causal_conv1d.py changes it between calls.
+_CF_FWD_SEGS = 2
 
 
 def _with_ptrs(vals: list, index: dict, **arrays) -> list:
@@ -100,6 +112,7 @@ PARAMS_FWD = Params("ssm::ConvFwdParams", [
     ("fin_b", "int64_t"), ("fin_d", "int64_t"), ("fin_k", "int64_t"),
     ("n_seg", "int64_t"), ("n_dgroups", "int64_t"),
     ("silu", "int32_t"), ("x_vec", "int32_t"), ("out_vec", "int32_t"), ("seq_vec", "int32_t"),
+    ("seg_iters", "int32_t"), ("pad_", "int32_t"),
 ])
 
 PARAMS_BWD = Params("ssm::ConvBwdParams", [
@@ -148,7 +161,10 @@ ALL_PARAMS = (PARAMS_FWD, PARAMS_BWD, PARAMS_REDUCE, PARAMS_UPDATE)
 def kernel_ref(kind: str, dtype: str, wdtype: str | None = None, width: int | None = None,
                seq: bool = False, sdtype: str | None = None) -> KernelRef:
     """kind: "fwd_cf", "fwd_cl", "bwd_cf", "bwd_cl" (x dtype, weight dtype, width, seq_idx given),
-    "bwd_reduce" (weight dtype only, passed as ``dtype``), "update" (x, state, weight dtypes)."""
+    "bwd_reduce" (weight dtype only, passed as ``dtype``), "update" (x, state, weight dtypes).
+    "fwd_cf" names the channel-first forward kernel of x's dtype (``_CF_FWD``)."""
+    if kind == "fwd_cf":
+        kind = _CF_FWD[dtype][0]
     if kind == "bwd_reduce":
         return KernelRef(FILE, f"ssm::causal_conv1d_bwd_reduce<{_CTYPE[dtype]}>")
     if kind == "update":
@@ -377,12 +393,16 @@ class _FwdPlan:
         B, D, L, W = spec.batch, spec.dim, spec.seqlen, spec.width
         item = np.dtype(x.dtype).itemsize
         cl = _channel_last(x)
+        seg_iters = 1
         if cl:
             kv = _cl_vec(item)
             n_dgroups, n_seg = _cdiv(D, 32 * kv), _cdiv(L, _CL_WARPS * _CL_FWD_STEPS)
             blocks = B * n_seg * n_dgroups
         else:
-            n_dgroups, n_seg = _cdiv(D, _CF_WARPS), _cdiv(L, 32 * _cf_fwd_items(item))
+            _, items, pipelined = _CF_FWD[spec.dtype]
+            segs_row = _cdiv(L, 32 * items)
+            seg_iters = max(1, min(_CF_FWD_SEGS, segs_row)) if pipelined else 1
+            n_dgroups, n_seg = _cdiv(D, _CF_WARPS), _cdiv(segs_row, seg_iters)   # n_seg: segment groups
             blocks = B * n_dgroups * n_seg
         _check_grid(OP, blocks)
         ref = kernel_ref("fwd_cl" if cl else "fwd_cf", spec.dtype, spec.wdtype, W, spec.has_seq)
@@ -407,7 +427,7 @@ class _FwdPlan:
             out_b=o_st[0], out_d=o_st[1], out_l=o_st[2], fin_b=f_st[0], fin_d=f_st[1], fin_k=f_st[2],
             n_seg=n_seg, n_dgroups=n_dgroups, silu=int(spec.silu),
             x_vec=int((xs[1] if cl else xs[2]) == 1), out_vec=int((o_st[1] if cl else o_st[2]) == 1),
-            seq_vec=int(ss[1] == 1))
+            seq_vec=int(ss[1] == 1), seg_iters=seg_iters)
         self.I = _PACK_FWD.index
 
     def __call__(self, x, weight, bias, seq_idx, initial_states, out):
