@@ -1,7 +1,7 @@
 """Probe: where the selective-scan forward's time goes (for NOTES.md). Not a benchmark of record.
 
-Prints the Python host time per call (tiny problem, no sync), the kernel alone (pre-packed
-parameters, CUDA events), and variations of the headline shape."""
+Prints the Python host time per call (tiny problem, no sync), a profile of it, and per anchor
+shape the call time against the kernel alone (pre-packed parameters, CUDA events)."""
 from __future__ import annotations
 
 import sys
@@ -20,24 +20,17 @@ from ssmkit._compile import get_kernel  # noqa: E402
 
 
 def kernel_only(args, kw):
-    """Time the forward kernel launch alone, parameters packed once."""
+    """Time the forward kernel launch alone (the plan's prepared launch, parameters packed once)."""
+    ssmkit.selective_scan(**args, **kw)
+    plan = next(reversed(op._FWD_PLANS.values()))
     captured = {}
-    orig = op.launch
-
-    def spy(ref, **k):
-        captured.update(ref=ref, **k)
-        return orig(ref, **k)
-
-    op.launch = spy
+    orig = plan.launch
+    plan.launch = lambda a: (captured.setdefault("a", a), orig(a))
     try:
         ssmkit.selective_scan(**args, **kw)
     finally:
-        op.launch = orig
-    k = get_kernel(captured["ref"])
-    grid, block = captured["grid"], captured["block"]
-    grid = tuple(grid) + (1,) * (3 - len(grid))
-    block = tuple(block) + (1,) * (3 - len(block))
-    return time_cuda(lambda: k(grid, block, captured["args"], shared_mem=captured["shared_mem"]), 3, 20)
+        plan.launch = orig
+    return time_cuda(lambda: orig(captured["a"]), 3, 20)
 
 
 def main():
@@ -61,17 +54,16 @@ def main():
         ssmkit.selective_scan(**args, **kw)
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(14)
-    B, D, L = 8, 1536, 2048
-    orig_cfg = op.kernel_config
-    for items in (8, 16):
-        op.kernel_config = lambda i, w, vb, vc, _it=items: op.KernelConfig(i, w, vb, vc, _it)
+    from benchmarks.bench_selective_scan import SHAPES
+
+    for (B, D, L, N) in SHAPES:
         for dtype in ("bf16", "fp32"):
-            for N, full in ((16, True), (1, False)):
-                args, kw, _ = make(B, D, L, N, dtype, full)
-                ms = time_cuda(lambda: ssmkit.selective_scan(**args, **kw), warmup=3, iters=10)
-                ko = kernel_only(args, kw)
-                print(f"items={items} {dtype} N={N:2d} full={full!s:5s} call {ms:.4f} ms  kernel {ko:.4f} ms", flush=True)
-    op.kernel_config = orig_cfg
+            args, kw, _ = make(B, D, L, N, dtype, True)
+            ms = time_cuda(lambda: ssmkit.selective_scan(**args, **kw), warmup=3, iters=20)
+            ko = kernel_only(args, kw)
+            print(f"fwd b{B} d{D} l{L} n{N} {dtype}: call {ms:.4f} ms  kernel {ko:.4f} ms  "
+                  f"(call - kernel {1e3 * (ms - ko):.1f} us)", flush=True)
+            del args, kw
     for cfg in (op.kernel_config("bfloat16", "float32", True, True), op.kernel_config("float32", "float32", True, True)):
         for ref in (op.fwd_ref(cfg), op.bwd_ref(cfg)):
             a = get_kernel(ref).attributes
