@@ -21,16 +21,21 @@ from ssmkit._compile import get_kernel  # noqa: E402
 
 def kernel_only(args, kw):
     """Time the forward kernel launch alone (the plan's prepared launch, parameters packed once)."""
-    ssmkit.selective_scan(**args, **kw)
-    plan = next(reversed(op._FWD_PLANS.values()))
+    from ssmkit._launch import Prepared
+
     captured = {}
-    orig = plan.launch
-    plan.launch = lambda a: (captured.setdefault("a", a), orig(a))
+    orig = Prepared.row
+
+    def spy(self, params, row):
+        captured.setdefault("call", (self, params, list(row)))
+        orig(self, params, row)
+
+    Prepared.row = spy
     try:
         ssmkit.selective_scan(**args, **kw)
     finally:
-        plan.launch = orig
-    return time_cuda(lambda: orig(captured["a"]), 3, 20)
+        Prepared.row = orig
+    return time_cuda(lambda: orig(*captured["call"]), 3, 20)
 
 
 def main():
@@ -44,6 +49,18 @@ def main():
     host = (time.perf_counter() - t) / 200 * 1e6
     cupy.cuda.runtime.deviceSynchronize()
     print(f"host time per selective_scan call (tiny, no sync): {host:.1f} us", flush=True)
+    import ssmkit._launch as launch_mod
+
+    for raw in (False, True, False, True):
+        launch_mod.RAW_LAUNCH = raw
+        cupy.cuda.runtime.deviceSynchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            ssmkit.selective_scan(**args, **kw)
+        h = (time.perf_counter() - t) / 500 * 1e6
+        cupy.cuda.runtime.deviceSynchronize()
+        print(f"  RAW_LAUNCH={raw}: {h:.1f} us per call", flush=True)
+    launch_mod.RAW_LAUNCH = True
     import cProfile
     import pstats
 

@@ -43,6 +43,7 @@ class Params:
         fmt += "x" * (self.dtype.itemsize - pos)
         self._struct = struct.Struct(fmt)
         assert self._struct.size == self.dtype.itemsize
+        self.struct = self._struct          # for launches that pack in place (_launch._RawLaunch)
         self._index = {n: i for i, n in enumerate(self.names)}
 
     def pack(self, **values) -> np.void:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .._arrays import CUPY, FLOAT_NAMES, backend_of, dtype_name
 from .._compile import KernelRef, get_kernel
-from .._launch import MAX_GRID_X, MAX_THREADS_PER_BLOCK
+from .._launch import MAX_GRID_X, MAX_THREADS_PER_BLOCK, Prepared
 from .._params import Params, ptr, strides_elems
 from .._registry import register
 from .._validate import check_array, check_flag, check_ndim, check_range
@@ -317,6 +317,8 @@ class _Packer:
     def pack(self, vals: list):
         return np.frombuffer(self.struct.pack(*vals), self.dtype)[0]
 
+    pack_row = pack      # the interface _launch.Prepared.row packs through (with .struct)
+
 
 _PACK_FWD = _Packer(PARAMS_FWD)
 _PACK_BWD = _Packer(PARAMS_BWD)
@@ -387,7 +389,7 @@ def _note_cupy():
 # ---- forward ---------------------------------------------------------------------------------
 
 class _FwdPlan:
-    __slots__ = ("kernel", "grid", "block", "vals", "out_alloc", "fin_shape", "dtype", "rfs", "I")
+    __slots__ = ("kernel", "launch", "grid", "block", "vals", "out_alloc", "fin_shape", "dtype", "rfs", "I")
 
     def __init__(self, spec: ConvSpec, x, weight, bias, seq_idx, initial_states, out, rfs: bool):
         B, D, L, W = spec.batch, spec.dim, spec.seqlen, spec.width
@@ -408,6 +410,7 @@ class _FwdPlan:
         ref = kernel_ref("fwd_cl" if cl else "fwd_cf", spec.dtype, spec.wdtype, W, spec.has_seq)
         self.kernel = get_kernel(ref)
         self.grid, self.block = (blocks, 1, 1), (_THREADS, 1, 1)
+        self.launch = Prepared(self.kernel, self.grid, self.block, 0)
         self.dtype = x.dtype
         self.rfs = rfs
         # outputs: out in x's layout unless given; final_states (B, D, W-1) contiguous
@@ -440,7 +443,7 @@ class _FwdPlan:
         fin = cupy.empty(self.fin_shape, self.dtype) if self.rfs else None
         v = _with_ptrs(self.vals, self.I, x=x, weight=weight, bias=bias, seq_idx=seq_idx,
                        initial_states=initial_states, out=out, final_states=fin)
-        self.kernel(self.grid, self.block, (_PACK_FWD.pack(v),))
+        self.launch.row(_PACK_FWD, v)
         return (out, fin) if self.rfs else out
 
 
@@ -499,7 +502,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
 # ---- backward --------------------------------------------------------------------------------
 
 class _BwdPlan:
-    __slots__ = ("kernel", "grid", "reduce_kernel", "reduce_grid", "vals", "rvals", "cl", "shape",
+    __slots__ = ("kernel", "launch", "grid", "reduce_kernel", "reduce_launch", "reduce_grid", "vals", "rvals", "cl",
+                 "shape",
                  "dtype", "wdtype", "bdtype", "W", "P", "acc", "has_init", "I", "RI")
 
     def __init__(self, spec: ConvSpec, x, weight, bias, dout, seq_idx, initial_states, dfinal_states):
@@ -519,7 +523,9 @@ class _BwdPlan:
         self.kernel = get_kernel(kernel_ref("bwd_cl" if cl else "bwd_cf", spec.dtype, spec.wdtype, W, spec.has_seq))
         self.reduce_kernel = get_kernel(kernel_ref("bwd_reduce", spec.wdtype))
         self.grid = (blocks, 1, 1)
+        self.launch = Prepared(self.kernel, self.grid, (_THREADS, 1, 1), 0)
         self.reduce_grid = (_cdiv(D * (W + 1), _REDUCE_THREADS), 1, 1)
+        self.reduce_launch = Prepared(self.reduce_kernel, self.reduce_grid, (_REDUCE_THREADS, 1, 1), 0)
         self.cl, self.shape, self.W = cl, (B, D, L), W
         self.dtype, self.wdtype = x.dtype, weight.dtype
         self.bdtype = None if bias is None else bias.dtype
@@ -554,13 +560,13 @@ class _BwdPlan:
         v = _with_ptrs(self.vals, self.I, x=x, weight=weight, bias=bias, dout=dout, seq_idx=seq_idx,
                        initial_states=initial_states, dinitial_states=dinit if initial_states is not None else None,
                        dfinal_states=dfinal_states, dx=dx, partials=ws)
-        self.kernel(self.grid, (_THREADS, 1, 1), (_PACK_BWD.pack(v),))
+        self.launch.row(_PACK_BWD, v)
         r = self.rvals.copy()
         r[self.RI["partials"]] = ws.data.ptr
         r[self.RI["dweight"]] = dweight.data.ptr
         if dbias is not None:
             r[self.RI["dbias"]] = dbias.data.ptr
-        self.reduce_kernel(self.reduce_grid, (_REDUCE_THREADS, 1, 1), (_PACK_REDUCE.pack(r),))
+        self.reduce_launch.row(_PACK_REDUCE, r)
         return dx, dweight, dbias, dinit
 
 
@@ -617,7 +623,7 @@ def causal_conv1d_bwd(x, weight, bias, dout, activation=None, seq_idx=None, init
 # ---- decode update ---------------------------------------------------------------------------
 
 class _UpdatePlan:
-    __slots__ = ("kernel", "grid", "vals", "out_shape", "dtype", "I")
+    __slots__ = ("kernel", "launch", "grid", "vals", "out_shape", "dtype", "I")
 
     def __init__(self, x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices, out):
         B, D, W, S = validate_update(x, conv_state, weight, bias, activation, cache_seqlens,
@@ -627,6 +633,7 @@ class _UpdatePlan:
         _check_grid(OP_UPDATE, B * n_dblocks)
         self.kernel = get_kernel(kernel_ref("update", xd, dtype_name(weight), sdtype=dtype_name(conv_state)))
         self.grid = (B * n_dblocks, 1, 1)
+        self.launch = Prepared(self.kernel, self.grid, (_UPDATE_THREADS, 1, 1), 0)
         self.out_shape, self.dtype = tuple(x.shape), x.dtype
         three = x.ndim == 3
         xs = strides_elems(x)
@@ -659,7 +666,7 @@ class _UpdatePlan:
         if conv_state_indices is not None:
             v[5] = conv_state_indices.data.ptr
         v[6] = out.data.ptr
-        self.kernel(self.grid, (_UPDATE_THREADS, 1, 1), (_PACK_UPDATE.pack(v),))
+        self.launch.row(_PACK_UPDATE, v)
         return out
 
 

@@ -83,7 +83,7 @@ class FoldPlan:
             for idx, pi, oi in slots:
                 row[pi] = parts[idx].data.ptr
                 row[oi] = outs[idx].data.ptr
-            launch((PARAMS.pack_row(row),))
+            launch.row(PARAMS, row)
 
 
 _plans: dict = {}

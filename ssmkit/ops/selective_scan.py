@@ -353,7 +353,7 @@ class _FwdPlan:
         if self.want_saved:
             saved = cupy.empty(self.saved_shape, self.spec.w_dtype)
             row[self.i_saved] = saved.data.ptr
-        self.launch((PARAMS.pack_row(row),))
+        self.launch.row(PARAMS, row)
         return out, last, (saved, y)
 
 
@@ -603,9 +603,9 @@ class _BwdPlan:
             row[mode.slot[name]] = a.data.ptr
         if self.n_seg > 1:                              # segments' carries first
             row[self.carry_pass_index] = 1
-            self.launch((PARAMS.pack_row(row),))
+            self.launch.row(PARAMS, row)
             row[self.carry_pass_index] = 0
-        self.launch((PARAMS.pack_row(row),))
+        self.launch.row(PARAMS, row)
         grads, fold_parts, fold_outs = {}, [], []
         for g, part, _, _, shape, dt in mode.kernel_folds:
             fold_parts.append(parts[part])
