@@ -38,28 +38,28 @@ def kernel_only(args, kw):
     return time_cuda(lambda: orig(*captured["call"]), 3, 20)
 
 
-def main():
-    args, kw, _ = make(1, 8, 16, 4, "bf16", True)
-    for _ in range(20):
-        ssmkit.selective_scan(**args, **kw)
+def host_us(fn, calls: int) -> float:
+    """Host microseconds per call over ``calls`` back-to-back calls (no sync inside)."""
     cupy.cuda.runtime.deviceSynchronize()
     t = time.perf_counter()
-    for _ in range(200):
-        ssmkit.selective_scan(**args, **kw)
-    host = (time.perf_counter() - t) / 200 * 1e6
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t) / calls * 1e6
     cupy.cuda.runtime.deviceSynchronize()
-    print(f"host time per selective_scan call (tiny, no sync): {host:.1f} us", flush=True)
+    return us
+
+
+def main():
+    args, kw, _ = make(1, 8, 16, 4, "bf16", True)
+    call = lambda: ssmkit.selective_scan(**args, **kw)  # noqa: E731
+    for _ in range(20):
+        call()
+    print(f"host time per selective_scan call (tiny, no sync): {host_us(call, 200):.1f} us", flush=True)
     import ssmkit._launch as launch_mod
 
     for raw in (False, True, False, True):
         launch_mod.RAW_LAUNCH = raw
-        cupy.cuda.runtime.deviceSynchronize()
-        t = time.perf_counter()
-        for _ in range(500):
-            ssmkit.selective_scan(**args, **kw)
-        h = (time.perf_counter() - t) / 500 * 1e6
-        cupy.cuda.runtime.deviceSynchronize()
-        print(f"  RAW_LAUNCH={raw}: {h:.1f} us per call", flush=True)
+        print(f"  RAW_LAUNCH={raw}: {host_us(call, 500):.1f} us per call", flush=True)
     launch_mod.RAW_LAUNCH = True
     import cProfile
     import pstats

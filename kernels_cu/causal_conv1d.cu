@@ -452,6 +452,20 @@ __device__ __forceinline__ void conv_load_prev_halo(A* hx, int* hs, const T* x, 
     }
 }
 
+// Channel-first grid: blockIdx.x = (b * n_dgroups + dgroup) * n_seg + seg; warp w of a block
+// owns channel d = dgroup * kConvCFWarps + w (d >= dim: an idle warp). Forward and backward.
+struct ConvCFBlock {
+    int64_t seg, b, d;
+    template <typename P>
+    __device__ __forceinline__ ConvCFBlock(const P& p, int warp) {
+        const int64_t blk = blockIdx.x;
+        seg = blk % p.n_seg;
+        const int64_t rest = blk / p.n_seg;
+        b = rest / p.n_dgroups;
+        d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    }
+};
+
 // ============================================================================================
 // Forward, channel-first
 // ============================================================================================
@@ -577,11 +591,8 @@ causal_conv1d_fwd_cf(const ConvFwdParams p) {
     constexpr bool kPrefetch = !kSeq;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int64_t blk = blockIdx.x;
-    const int64_t grp = blk % p.n_seg;
-    const int64_t rest = blk / p.n_seg;
-    const int64_t b = rest / p.n_dgroups;
-    const int64_t d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    const ConvCFBlock cb(p, warp);
+    const int64_t grp = cb.seg, b = cb.b, d = cb.d;
     if (d >= p.dim) return;  // warp-uniform: the shuffles below see full warps
     const int64_t L = p.seqlen;
     const int64_t s_first = grp * p.seg_iters;                        // < ceil(L / kSeg) (host)
@@ -674,11 +685,8 @@ causal_conv1d_fwd_cf_single(const ConvFwdParams p) {
     static_assert(kH < kItems, "a lane's halo must lie within the previous lane");
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int64_t blk = blockIdx.x;
-    const int64_t seg = blk % p.n_seg;
-    const int64_t rest = blk / p.n_seg;
-    const int64_t b = rest / p.n_dgroups;
-    const int64_t d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    const ConvCFBlock cb(p, warp);
+    const int64_t seg = cb.seg, b = cb.b, d = cb.d;
     if (d >= p.dim) return;  // warp-uniform: the shuffles below see full warps
     const int64_t L = p.seqlen;
     const int64_t t0 = seg * (32 * kItems) + lane * kItems;
@@ -893,11 +901,8 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
     static_assert(kH < kItems, "a lane's halo must lie within the neighbouring lane");
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int64_t blk = blockIdx.x;
-    const int64_t grp = blk % p.n_seg;
-    const int64_t rest = blk / p.n_seg;
-    const int64_t b = rest / p.n_dgroups;
-    const int64_t d = (rest % p.n_dgroups) * kConvCFWarps + warp;
+    const ConvCFBlock cb(p, warp);
+    const int64_t grp = cb.seg, b = cb.b, d = cb.d;
     if (d >= p.dim) return;  // warp-uniform; no block barriers in this kernel
     const int64_t L = p.seqlen;
 

@@ -3,7 +3,7 @@
 ``FoldPlan(jobs)``: a fixed set of folds, each ``part`` (outer, K, inner) contiguous fp32/fp64
 (complex as pairs) -> ``out`` (outer, inner) in the output's dtype, summed over K in a fixed
 order, all in one launch of kernels_cu/reduce_partials.cu (jobs are grouped by accumulator type,
-up to JOBS per launch). ``reduce_middle(part, out_shape, out_dtype)`` folds one array.
+up to JOBS per launch).
 """
 from __future__ import annotations
 
@@ -84,21 +84,3 @@ class FoldPlan:
                 row[pi] = parts[idx].data.ptr
                 row[oi] = outs[idx].data.ptr
             launch.row(PARAMS, row)
-
-
-_plans: dict = {}
-
-
-def reduce_middle(part, out_shape, out_dtype):
-    """Sum ``part`` (outer, K, inner) over K into a new array of ``out_shape`` / ``out_dtype``."""
-    import cupy
-
-    out = cupy.empty(out_shape, dtype=out_dtype)
-    key = (part.shape, part.dtype.name, out.dtype.name, cupy.cuda.runtime.getDevice())
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) > 256:
-            _plans.clear()
-        plan = _plans[key] = FoldPlan([(part.shape, part.dtype.name, out.dtype.name)])
-    plan([part], [out])
-    return out
