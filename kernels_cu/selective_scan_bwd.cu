@@ -51,6 +51,19 @@ template <typename R> __device__ __forceinline__ complex<R> conj_times(R dy, com
     return {R(2) * dy * h.re, -R(2) * dy * h.im};   // dC = 2 dy conj(h)
 }
 
+// A block's dB/dC sum for one (step, state): added with fp32 atomics into the group's slab, or
+// stored as this block's partial (the deterministic mode).
+template <typename S> __device__ __forceinline__ void add_or_store(S* dst, S v, int atomic) {
+    typedef typename RealOf<S>::type R;
+    if (atomic) {
+        const R* parts = (const R*)&v;
+#pragma unroll
+        for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, parts[r]);
+    } else {
+        *dst = v;
+    }
+}
+
 // A warp's channel and its shared-memory slots, set up once.
 template <typename In, typename W> struct BwdWarp {
     typedef typename RealOf<W>::type R;
@@ -117,8 +130,22 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
         if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
         if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
     }
+    // This warp's dB/dC slices for the fixed-order block sum, double buffered by state parity so
+    // one barrier per state suffices. Each lane's T values go out as 16-byte words into a row
+    // padded by 16 bytes per lane (TileLayout): conflict-free. (Scalar stores at a lane stride of
+    // 8 words were 8-way bank conflicts: the variable-B/C backward took 2.0 ms against 1.0 ms
+    // for constant B/C. Two states per barrier, with twice the slices, measured 0-8% slower.)
+    // Words are stored as soon as their values exist (dC after the replay, dB inside the
+    // gradient loop), so neither dh[T] nor dC[T] is held to the end of the state.
+    typedef TileLayout<S, T> Slice;
+    constexpr int kPerWord = 16 / int(sizeof(S));
     for (int64_t n = 0; n < N; ++n) {
-        S dh[T], h[T];      // the adjoint and the state at this warp's steps, for dB/dC
+        // Addressed from the extern shared array itself, not w.slices, so the compiler knows it is
+        // shared memory: 32-bit STS addresses instead of 64-bit generic ones held in registers.
+        extern __shared__ __align__(16) unsigned char smem_raw[];
+        S* sl = (S*)smem_raw + par * 2 * warps * Slice::kRow;
+        uint4* slB = (uint4*)(sl + warp * Slice::kRow + lane * Slice::kSeg);
+        uint4* slC = (uint4*)(sl + (warps + warp) * Slice::kRow + lane * Slice::kSeg);
         if (active && n > 0) {
             bp += p.B_n;
             cp += p.C_n;
@@ -137,7 +164,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
 #define Bv(i) (kVarB ? Ld<S>::from(vb.e[i]) : bconst)
 #define Cv(i) (kVarC ? Ld<S>::from(vc.e[i]) : cconst)
             // 1. forward replay from the chunk's start state
-            S dA[T];
+            S dA[T], h[T];
             S bt = S(0);
 #pragma unroll
             for (int i = 0; i < T; ++i) {
@@ -152,10 +179,18 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             else if (w.init) h_start = w.init[n * p.init_n];
             const S h_in = at * h_start + bt;
             S hv = h_in;
+            S sC = S(0);      // constant C: this lane's share of dC
+            Vec<S, T> vdc;
 #pragma unroll
             for (int i = 0; i < T; ++i) {
                 hv = dA[i] * hv + Bv(i) * u[i];
                 h[i] = hv;
+                if (kVarC) {
+                    vdc.e[i] = conj_times(dy[i], hv);
+                    if (i % kPerWord == kPerWord - 1) slC[i / kPerWord] = vdc.w[i / kPerWord];
+                } else {
+                    sC += conj_times(dy[i], hv);
+                }
             }
             // 2. adjoint: local pass with zero carry, then the reverse warp scan
             S q = S(0);
@@ -165,85 +200,66 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             warp_exclusive_scan_reverse(ar, q, lane);
             S X = ar * w.dX[n] + q;
             // 3. per-element gradients, walking back in time
-            S dA_sum = S(0);
+            S dA_sum = S(0), sB = S(0);
+            Vec<S, T> vdb;
 #pragma unroll
             for (int i = T - 1; i >= 0; --i) {
-                dh[i] = readout_grad(Cv(i), dy[i]) + X;
+                const S dh = readout_grad(Cv(i), dy[i]) + X;
                 const S hp = i > 0 ? h[i - 1] : h_in;
-                X = conj(dA[i]) * dh[i];                 // the carry to step i - 1
+                X = conj(dA[i]) * dh;                    // the carry to step i - 1
                 const S P = X * conj(hp);                 // = G_a conj(a): one multiply
                 ddl[i] += re_part(P * conj(Araw));
                 dA_sum += P * dl[i];
-                Sb[i] += re_part(dh[i] * conj(Bv(i)));
+                Sb[i] += re_part(dh * conj(Bv(i)));
+                if (kVarB) {
+                    vdb.e[i] = dh * u[i];
+                    if (i % kPerWord == 0) slB[i / kPerWord] = vdb.w[i / kPerWord];
+                } else {
+                    sB += dh * u[i];
+                }
             }
 #undef Bv
 #undef Cv
             dA_sum = warp_sum(dA_sum);
             if (!kVarB) {
-                S s = S(0);
-#pragma unroll
-                for (int i = 0; i < T; ++i) s += dh[i] * u[i];
-                s = warp_sum(s);
-                if (lane == 0) w.dBc_acc[n] = w.dBc_acc[n] + s;
+                sB = warp_sum(sB);
+                if (lane == 0) w.dBc_acc[n] = w.dBc_acc[n] + sB;
             }
             if (!kVarC) {
-                S s = S(0);
-#pragma unroll
-                for (int i = 0; i < T; ++i) s += conj_times(dy[i], h[i]);
-                s = warp_sum(s);
-                if (lane == 0) w.dCc_acc[n] = w.dCc_acc[n] + s;
+                sC = warp_sum(sC);
+                if (lane == 0) w.dCc_acc[n] = w.dCc_acc[n] + sC;
             }
             __syncwarp();
             if (lane == 0) { w.dX[n] = X; w.dA_acc[n] = w.dA_acc[n] + dA_sum; }
             __syncwarp();
         } else {
+            // An idle warp still owns slices in the block sum: zeros.
 #pragma unroll
-            for (int i = 0; i < T; ++i) { dh[i] = S(0); h[i] = S(0); }
+            for (int k = 0; k < T / kPerWord; ++k) {
+                if (kVarB) slB[k] = make_uint4(0u, 0u, 0u, 0u);
+                if (kVarC) slC[k] = make_uint4(0u, 0u, 0u, 0u);
+            }
         }
         if (kVarB || kVarC) {
-            // Fixed-order sum over the block's warps: write this warp's slice, one barrier,
-            // then each thread sums the warps for its steps. Slices are double buffered by
-            // state parity, so one barrier per state suffices. Each lane's 8 values go out as
-            // 16-byte stores into a row padded by 16 bytes per lane (TileLayout): conflict-free.
-            // (Scalar stores at a lane stride of 8 words were 8-way bank conflicts: the
-            // variable-B/C backward took 2.0 ms against 1.0 ms for constant B/C. Two states per
-            // barrier, with twice the slices, measured 0-8% slower on the anchor rows.)
-            typedef TileLayout<S, T> Slice;
-            S* sl = w.slices + par * 2 * warps * Slice::kRow;
-            if (kVarB) {
-                Vec<S, T> v;
-#pragma unroll
-                for (int i = 0; i < T; ++i) v.e[i] = dh[i] * u[i];
-                uint4* dst = (uint4*)(sl + warp * Slice::kRow + lane * Slice::kSeg);
-#pragma unroll
-                for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
-            }
-            if (kVarC) {
-                Vec<S, T> v;
-#pragma unroll
-                for (int i = 0; i < T; ++i) v.e[i] = conj_times(dy[i], h[i]);
-                uint4* dst = (uint4*)(sl + (warps + warp) * Slice::kRow + lane * Slice::kSeg);
-#pragma unroll
-                for (int k = 0; k < int(T * sizeof(S) / 16); ++k) dst[k] = v.w[k];
-            }
+            // Fixed-order sum over the block's warps: one barrier, then each thread sums the
+            // warps for its steps.
             __syncthreads();
-            for (int e = tid; e < 2 * kBwdChunk; e += nthreads) {
-                const int which = e / kBwdChunk, t = e % kBwdChunk;
-                if ((which == 0 && !kVarB) || (which == 1 && !kVarC)) continue;
-                const int64_t tt = c0 + t;
-                if (!kFast && tt >= L) continue;
-                const S* src = sl + which * warps * Slice::kRow + Slice::index(0, t);
-                S acc = S(0);
+            // One step per thread (256 threads at 8 warps): its dB and dC sums are two
+            // independent chains of `warps` shared loads.
+            const int64_t row = (w.part_row + n) * L + c0;
+            S* dstB = (S*)p.dB_part + row;
+            S* dstC = (S*)p.dC_part + row;
+            for (int t = tid; t < kBwdChunk; t += nthreads) {
+                if (!kFast && c0 + t >= L) break;
+                const S* src = sl + Slice::index(0, t);
+                S accB = S(0), accC = S(0);
 #pragma unroll 4
-                for (int ww = 0; ww < warps; ++ww) acc += src[ww * Slice::kRow];
-                S* dst = (S*)(which == 0 ? p.dB_part : p.dC_part) + (w.part_row + n) * L + tt;
-                if (p.bc_atomic) {
-                    const R* src2 = (const R*)&acc;
-#pragma unroll
-                    for (int r = 0; r < int(sizeof(S) / sizeof(R)); ++r) atomicAdd((R*)dst + r, src2[r]);
-                } else {
-                    *dst = acc;
+                for (int ww = 0; ww < warps; ++ww) {
+                    if (kVarB) accB += src[ww * Slice::kRow];
+                    if (kVarC) accC += src[(warps + ww) * Slice::kRow];
                 }
+                if (kVarB) add_or_store(dstB + t, accB, p.bc_atomic);
+                if (kVarC) add_or_store(dstC + t, accC, p.bc_atomic);
             }
             par ^= 1;
         }
@@ -276,9 +292,15 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     }
 }
 
-// Carry pass, one chunk: the adjoint carry X (per state, in w.dX) moves from the chunk's end to
-// its start with zero work beyond what X needs: X_out = conj(a_chunk) X_in + Q_chunk, Q from the
-// readout gradients g = C dy. ~8 instructions per (l, n) against ~65 for the full backward.
+// Carry pass, one chunk: the adjoint carry X of every state (in w.dX, lane 0 only) moves from
+// the chunk's end to its start: X_out = conj(a_chunk) X_in + sum_t w_t g_t, with g_t = C_t dy_t
+// the readout gradient and w_t = conj(gate(cum_t, A)), cum_t the inclusive prefix sum of delta
+// from the chunk's start (the decay from the chunk's start through step t). One exp per (l, n)
+// and a warp sum per state; the carry of the chunk composes across chunks as a map, so cum never
+// spans more than 256 steps (its rounding enters the exponent). The first version composed lane
+// maps with a reverse warp scan per state: ncu at b1 d5120 l8192 n16 put it at 0.54 ms (fp32) and
+// 0.47 ms (bf16) against 3.25 / 2.78 ms for the main pass over twice the steps (latency-bound:
+// 0.4-0.6 eligible warps per scheduler).
 template <bool kFast, typename In, typename W, bool kVarC>
 __device__ __forceinline__ void carry_chunk(const SelectiveScanParams& p, const BwdWarp<In, W>& w, int64_t c,
                                             int lane, typename RealOf<W>::type& sum_seg) {
@@ -288,8 +310,8 @@ __device__ __forceinline__ void carry_chunk(const SelectiveScanParams& p, const 
     constexpr int T = kBwdItems;
     const int64_t N = p.dstate, L = p.seqlen;
     const int64_t t0 = c * kBwdChunk + lane * T;
-    R dl[T], dy[T];
-    load_steps<kFast>(w.dl, p.delta_l, t0, L, dl);
+    R cum[T], dy[T];
+    load_steps<kFast>(w.dl, p.delta_l, t0, L, cum);
     load_steps<kFast>(w.dout, p.dout_l, t0, L, dy);
     if (w.z) {
         R zv[T];
@@ -297,34 +319,54 @@ __device__ __forceinline__ void carry_chunk(const SelectiveScanParams& p, const 
 #pragma unroll
         for (int i = 0; i < T; ++i) dy[i] *= silu_fast(zv[i]);
     }
-    R sum_dl = 0;
+    R run = 0;
 #pragma unroll
     for (int i = 0; i < T; ++i) {
         const bool live = kFast || t0 + i < L;
-        R v = dl[i] + w.bias;
+        R v = cum[i] + w.bias;
         v = p.delta_softplus ? softplus_fast(v) : v;
-        dl[i] = live ? v : R(0);
+        run += live ? v : R(0);
         dy[i] = live ? dy[i] : R(0);
-        sum_dl += dl[i];
+        cum[i] = run;
     }
-    sum_seg += sum_dl;
-    const BCs* cp = w.Cg;
-    for (int64_t n = 0; n < N; ++n, cp += p.C_n) {
-        Vec<BCs, T> vc;
-        if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, vc);
-        const S A2 = prescale(w.A[n * p.A_n]);
-        const S cconst = kVarC ? S(0) : w.Cc[n * p.C_n];
-        S q = S(0);
+    R off = run;             // inclusive scan of the lanes' sums
 #pragma unroll
-        for (int i = T - 1; i >= 0; --i)
-            q = conj(gate(dl[i], A2)) * (readout_grad(kVarC ? Ld<S>::from(vc.e[i]) : cconst, dy[i]) + q);
-        const S a_own = conj(gate(sum_dl, A2));
-        S ar = a_own, qx = q;
-        warp_exclusive_scan_reverse(ar, qx, lane);
-        const S X = ar * w.dX[n] + qx;          // into lane 0's last step
-        __syncwarp();
-        if (lane == 0) w.dX[n] = a_own * X + q;
-        __syncwarp();
+    for (int d = 1; d < 32; d *= 2) {
+        const R up = shfl_up(off, d);
+        if (lane >= d) off += up;
+    }
+    const R chunk_sum = shfl_idx(off, 31);
+    off -= run;
+#pragma unroll
+    for (int i = 0; i < T; ++i) cum[i] += off;
+    sum_seg += chunk_sum;
+    // K states at a time: their C loads, exps and warp sums overlap (one state per iteration
+    // left each iteration a chain of dependent latencies: load, exp, five shuffles, shared RMW).
+    constexpr int K = sizeof(S) <= 4 ? 4 : (sizeof(S) == 8 ? 2 : 1);
+    for (int64_t n0 = 0; n0 < N; n0 += K) {
+        S q[K], A2[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int64_t n = n0 + k < N ? n0 + k : N - 1;    // a duplicate past N, never stored
+            A2[k] = prescale(w.A[n * p.A_n]);
+            Vec<BCs, T> vc;
+            if (kVarC) load_vec<kFast>(w.Cg + n * p.C_n, p.C_l, t0, L, vc);
+            const S cconst = kVarC ? S(0) : w.Cc[n * p.C_n];
+            q[k] = S(0);
+#pragma unroll
+            for (int i = 0; i < T; ++i)
+                q[k] += conj(gate(cum[i], A2[k])) * readout_grad(kVarC ? Ld<S>::from(vc.e[i]) : cconst, dy[i]);
+        }
+#pragma unroll
+        for (int m = 16; m >= 1; m /= 2) {
+#pragma unroll
+            for (int k = 0; k < K; ++k) q[k] = q[k] + shfl_xor(q[k], m);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int k = 0; k < K; ++k)
+                if (n0 + k < N) w.dX[n0 + k] = conj(gate(chunk_sum, A2[k])) * w.dX[n0 + k] + q[k];
+        }
     }
 }
 
@@ -396,8 +438,8 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
             else
                 carry_chunk<false, In, W, kVarC>(p, w, c, lane, sum_seg);
         }
-        sum_seg = warp_sum(sum_seg);
-        for (int n = lane; n < N; n += 32) {
+        __syncwarp();       // lane 0 wrote w.dX
+        for (int n = lane; n < N; n += 32) {   // sum_seg is warp-uniform
             carry[(seg * 2) * N + n] = gate(sum_seg, prescale(w.A[n * p.A_n]));
             carry[(seg * 2 + 1) * N + n] = w.dX[n];
         }

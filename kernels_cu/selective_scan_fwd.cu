@@ -72,14 +72,20 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
         y[i] = w.Dv * u[i];                         // the skip term first: u is then dead
         sum_dl += dl[i];
     }
-    // Variable B/C rows for state n+1 load while state n computes.
+    // With 8 items, state n+1's B/C rows load while state n computes; with 16 (no prefetch), at
+    // the end of state n. fp32 B/C (16 registers a row at 16 items) go further: C loads only
+    // after the first pass over the steps, its latency behind the warp scan, so B and C are never
+    // live together. A/B at b1 d5120 l8192 and b8 d1536 l2048 n16 (selective_scan_fwd call):
+    // fp32 1.457 -> 1.334 and 0.795 -> 0.733 ms; the same for bf16 was 15-25% slower.
+    constexpr bool kLateC = !kPrefetch && sizeof(BCs) == 4;
     const BCs* bp = w.Bg;
     const BCs* cp = w.Cg;
     Vec<BCs, T> nb, nc;
     if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
-    if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
+    if (!kLateC && kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
     for (int64_t n = 0; n < N; ++n) {
-        const Vec<BCs, T> vb = nb, vc = nc;
+        const Vec<BCs, T> vb = nb;
+        Vec<BCs, T> vc = nc;
         if (kPrefetch && n + 1 < N) {
             bp += p.B_n;
             cp += p.C_n;
@@ -95,6 +101,10 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
             dA[i] = gate(dl[i], A2);
             bu[i] = (kVarB ? Ld<S>::from(vb.e[i]) : bconst) * dlu[i];
             bt = dA[i] * bt + bu[i];
+        }
+        if (kLateC && kVarC) {
+            load_vec<kFast>(cp, p.C_l, t0, L, vc);
+            cp += p.C_n;
         }
         S at = gate(sum_dl, A2);   // the product of the lane's gates, in one exp
         warp_exclusive_scan(at, bt, lane);
@@ -114,9 +124,11 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
         __syncwarp();
         if (!kPrefetch && n + 1 < N) {
             bp += p.B_n;
-            cp += p.C_n;
             if (kVarB) load_vec<kFast>(bp, p.B_l, t0, L, nb);
-            if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
+            if (!kLateC) {
+                cp += p.C_n;
+                if (kVarC) load_vec<kFast>(cp, p.C_l, t0, L, nc);
+            }
         }
     }
     if (w.z) {

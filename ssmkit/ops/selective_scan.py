@@ -43,8 +43,9 @@ WARPS_PER_BLOCK = 8
 DETERMINISTIC_DEFAULT = False
 # Backward split along time (segments after a cheap carry pass) when the grid fills the GPU in a
 # poor number of waves: the carry pass costs about this fraction of a full backward over the same
-# steps (predicted from the instruction counts: ~8 vs ~65 per (l, n)).
-CARRY_COST = 0.12
+# steps. Measured (ncu, b1 d5120 l8192 n16, 2 segments): carry 0.297 ms over half the steps
+# against 2.94 ms for the main pass over all of them (fp32; bf16 0.276 / 2.52): 0.20.
+CARRY_COST = 0.20
 MAX_SEGMENTS = 16
 SM_RESERVED_SMEM = 1024 + 2816     # per block: the driver's reservation + the kernel's static smem
 SM_SMEM = 228 * 1024
