@@ -23,6 +23,8 @@ def main():
 
     cases = [
         ("bfloat16", _pinned(batch=2, dim=9, seqlen=600, dstate=16, kinds=("var", "var"))),
+        # odd L: B/C staged into aligned rows, the checked path with L2 prefetches
+        ("bfloat16", _pinned(batch=2, dim=9, seqlen=301, dstate=16, kinds=("var", "var"))),
         ("float32", _pinned(batch=2, dim=4, seqlen=300, dstate=5, kinds=("group", "group"), groups=2)),
         ("float32", _pinned(batch=1, dim=3, seqlen=70, dstate=256, kinds=("const", "var"))),
         ("float32", _pinned(batch=1, dim=3, seqlen=257, dstate=4, kinds=("var", "const"), complex_A=True)),

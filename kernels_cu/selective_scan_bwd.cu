@@ -98,12 +98,13 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     // The previous chunk's rows (next in this walk) toward L2, for 16-bit inputs. A/B (bwd call):
     // bf16 b1 d5120 l8192 3.00 -> 2.77 ms, b4 d4096 l2048 2.14 -> 2.01, headline and l512 within
     // 2%; fp32 within 2% either way, so off (it costs fp32 registers).
-    if (kFast && sizeof(In) == 2 && active && c > 0) {
+    // Rows with unit stride only.
+    if (sizeof(In) == 2 && active && c > 0) {
         const int64_t tp = t0 - kBwdChunk;
-        prefetch_l2<In, T>(w.u, tp, L);
-        prefetch_l2<In, T>(w.dl, tp, L);
-        prefetch_l2<In, T>(w.dout, tp, L);
-        prefetch_l2<In, T>(w.z, tp, L);
+        prefetch_l2<In, T>((kFast || p.u_l == 1) ? w.u : nullptr, tp, L);
+        prefetch_l2<In, T>((kFast || p.delta_l == 1) ? w.dl : nullptr, tp, L);
+        prefetch_l2<In, T>((kFast || p.dout_l == 1) ? w.dout : nullptr, tp, L);
+        prefetch_l2<In, T>((kFast || p.z_l == 1) ? w.z : nullptr, tp, L);
         prefetch_l2<In, T>(w.ysave, tp, L);
         prefetch_bc_l2<typename VarBC<In, W>::type, T>(w.Bg, w.Cg, p, tp, warp, warps, kVarB, kVarC);
     }

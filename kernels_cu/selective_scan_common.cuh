@@ -176,20 +176,24 @@ __device__ __forceinline__ void store_steps(T* row, int64_t stride, int64_t t0, 
     }
 }
 
-// Ask L2 for a lane's kN elements of a unit-stride row from t0 (one prefetch per 32-byte sector):
+// Ask L2 for a lane's kN elements of a unit-stride row from t0 (one prefetch per 32-byte sector,
+// none at or past L):
 // the next chunk's rows arrive while this chunk computes, so its first loads wait on L2, not DRAM.
 template <typename T, int kN> __device__ __forceinline__ void prefetch_l2(const T* row, int64_t t0, int64_t L) {
-    if (row == nullptr || t0 >= L) return;
+    if (row == nullptr) return;
     const char* b = (const char*)(row + t0);
 #pragma unroll
-    for (int off = 0; off < int(kN * sizeof(T)); off += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(b + off));
+    for (int off = 0; off < int(kN * sizeof(T)); off += 32)
+        if (t0 + off / int(sizeof(T)) < L) asm volatile("prefetch.global.L2 [%0];" ::"l"(b + off));
 }
 
 // The B/C rows a block will read for steps [t0 ...) of all N states, shared out over its warps
-// (warp w takes states w, w + warps, ...).
+// (warp w takes states w, w + warps, ...). Unit-stride rows only.
 template <typename T, int kN>
 __device__ __forceinline__ void prefetch_bc_l2(const T* Bg, const T* Cg, const SelectiveScanParams& p, int64_t t0,
                                                int warp, int warps, bool var_b, bool var_c) {
+    var_b = var_b && p.B_l == 1;
+    var_c = var_c && p.C_l == 1;
     for (int64_t n = warp; n < p.dstate; n += warps) {
         if (var_b) prefetch_l2<T, kN>(Bg + n * p.B_n, t0, p.seqlen);
         if (var_c) prefetch_l2<T, kN>(Cg + n * p.C_n, t0, p.seqlen);

@@ -61,18 +61,19 @@ __device__ __forceinline__ void fwd_chunk(const SelectiveScanParams& p, const Fw
     const int64_t t0 = c0 + lane * T;
     R u[T], dl[T], dlu[T], y[T];
     R sum_dl = 0;
-    if (kFast && sizeof(In) == 2) {
+    if (sizeof(In) == 2) {
         // Toward L2: this chunk's z and B/C rows (read later in this chunk: z at the end, B/C
-        // state by state) and the next chunk's rows. Unit stride (p.vec_ok). A/B, bf16
+        // state by state) and the next chunk's rows, where rows have unit stride. A/B, bf16
         // selective_scan call: b1 d5120 l8192 0.83 -> 0.71 ms, b8 d1536 l2048 0.402 -> 0.371,
         // b16 d1536 l512 0.210 -> 0.200, b4 d4096 l2048 0.52 -> 0.47 (next chunk only: -10% at
         // l8192, +2-8% at l2048). fp32 measured 3-7% slower with it (more spills): off.
         const int64_t tn = t0 + 32 * T;
-        prefetch_l2<In, T>(w.z, t0, L);
+        const In* z = (kFast || p.z_l == 1) ? w.z : nullptr;
+        prefetch_l2<In, T>(z, t0, L);
         prefetch_bc_l2<BCs, T>(w.Bg, w.Cg, p, t0, warp, warps, kVarB, kVarC);
-        prefetch_l2<In, T>(w.u, tn, L);
-        prefetch_l2<In, T>(w.dl, tn, L);
-        prefetch_l2<In, T>(w.z, tn, L);
+        prefetch_l2<In, T>((kFast || p.u_l == 1) ? w.u : nullptr, tn, L);
+        prefetch_l2<In, T>((kFast || p.delta_l == 1) ? w.dl : nullptr, tn, L);
+        prefetch_l2<In, T>(z, tn, L);
         prefetch_bc_l2<BCs, T>(w.Bg, w.Cg, p, tn, warp, warps, kVarB, kVarC);
     }
     load_steps<kFast>(w.u, p.u_l, t0, L, u);

@@ -323,6 +323,28 @@ def test_gpu_noncontiguous_inputs():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("in_dtype", ["bfloat16", "float32"])
+def test_gpu_unaligned_bc_are_staged(in_dtype):
+    """Variable B/C with rows off 16 bytes (odd L) are copied into aligned rows on every call: a
+    second call with the same layout and new values must use the new values, forward and
+    backward, and the plans must have chosen to stage."""
+    import cupy
+
+    op._FWD_PLANS.clear()
+    op._BWD_PLANS.clear()
+    spec = _pinned(batch=2, dim=8, dstate=6, seqlen=301, kinds=("var", "var"))
+    rng = np.random.default_rng(3)
+    for call in range(2):
+        inputs = dataclasses.replace(spec, seed=call).build()
+        got, want, _ = run_both(inputs, in_dtype, False, rng)
+        check_forward(got, want, in_dtype, False)
+        got, _, want = run_both(inputs, in_dtype, True, rng)
+        check_backward(got, want, in_dtype, False)
+    assert {tuple(n for _, n in p.stage) for p in op._FWD_PLANS.values()} == {("B", "C")}
+    assert {tuple(n for _, n in p.stage) for p in op._BWD_PLANS.values()} == {("B", "C")}
+
+
+@pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
     import cupy
 

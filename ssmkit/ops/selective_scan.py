@@ -294,6 +294,31 @@ def vec_ok(spec, arrays: dict, extra=()) -> bool:
     return all(_rows_aligned(x) for x in rows)
 
 
+def _bc_to_stage(spec, arrays: dict) -> tuple:
+    """Names of the variable B/C whose rows are not 16-byte loadable (an odd L, or a strided view
+    such as a slice of x_dbl). Plans copy them into aligned rows on every call, as upstream makes
+    B/C contiguous before its kernel: one pass over B/C (1/(D/G) of an activation's bytes) turns
+    the state loop's per-element B/C loads (every state, every warp) into 16-byte ones."""
+    return tuple(n for n, var in (("B", spec.var_b), ("C", spec.var_c))
+                 if var and not _rows_aligned(arrays[n]))
+
+
+def _aligned_copy(X):
+    """X (B, N, L) or (B, G, N, L) copied into rows padded to 16 bytes; same shape as X."""
+    import cupy
+
+    per = max(16 // X.dtype.itemsize, 1)
+    L = X.shape[-1]
+    buf = cupy.empty(X.shape[:-1] + (-(-L // per) * per,), X.dtype)
+    rows = buf[..., :L]
+    rows[...] = X
+    return rows
+
+
+def _staged(arrays: dict, names: tuple) -> dict:
+    return dict(arrays, **{n: _aligned_copy(arrays[n]) for n in names}) if names else arrays
+
+
 _NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 _PTR_FIELDS = _NAMES
 _FWD_PLANS = PlanCache()
@@ -315,6 +340,8 @@ class _FwdPlan:
         B, D, L, N = spec.batch, spec.dim, spec.seqlen, spec.dstate
         self.out_shape, self.state_shape, self.saved_shape = (B, D, L), (B, D, N), (B, D, spec.n_saved, N)
         self.in_dtype = arrays["u"].dtype
+        self.stage = [(_NAMES.index(n), n) for n in _bc_to_stage(spec, arrays)]
+        arrays = _staged(arrays, tuple(n for _, n in self.stage))
         f = _common_fields(spec, *(arrays[k] for k in _NAMES))
         if out is not None:
             so = strides_elems(out)
@@ -335,12 +362,16 @@ class _FwdPlan:
         self.launch = prepare(fwd_ref(spec.config), grid=(B * spec.groups * bpg,), block=(32, warps),
                               shared_mem=smem)
 
-    def __call__(self, ptrs, out):
+    def __call__(self, ptrs, out, args):
         import cupy
 
         row = self.row[:]
         for i, p in zip(self.ptr_index, ptrs):
             row[i] = p
+        # Staged B/C: freed after the launch is queued (CuPy's pool is stream-ordered).
+        staged = [_aligned_copy(args[i]) for i, _ in self.stage]
+        for (i, _), a in zip(self.stage, staged):
+            row[self.ptr_index[i]] = a.data.ptr
         if out is None:
             out = cupy.empty(self.out_shape, self.in_dtype)
         row[self.i_out] = out.data.ptr
@@ -363,7 +394,7 @@ def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool
     key, ptrs = layout_key(args + (out,), (delta_softplus, want_last, want_saved))
     plan = _FWD_PLANS.get(key) if key is not None else None
     if plan is not None:
-        return CUPY, plan.spec, plan(ptrs[:-1], out)
+        return CUPY, plan.spec, plan(ptrs[:-1], out, args)
     backend, arr = backend_of(OP, dict(zip(_NAMES + ("out",), args + (out,))))
     out = arr.pop("out")
     spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
@@ -382,7 +413,8 @@ def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool
     plan = _FwdPlan(spec, arr, out, want_last, want_saved)
     key, ptrs = layout_key(tuple(arr[k] for k in _NAMES) + (out,), (delta_softplus, want_last, want_saved))
     _FWD_PLANS.put(key, plan)
-    return CUPY, spec, plan([0 if arr[k] is None else arr[k].data.ptr for k in _NAMES], out)
+    args = tuple(arr[k] for k in _NAMES)
+    return CUPY, spec, plan([0 if a is None else a.data.ptr for a in args], out, args)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -558,6 +590,8 @@ class _BwdPlan:
             ("dinitial_state", (Bsz, Dsz, N), wdt) if spec.has_initial else (None, None, None)) if n]
         self.B_shape, self.C_shape = arrays["B"].shape, arrays["C"].shape
         self.B_dtype, self.C_dtype, self.A_dtype = arrays["B"].dtype, arrays["C"].dtype, arrays["A"].dtype
+        self.stage = [(_NAMES.index(n), n) for n in _bc_to_stage(spec, arrays)]
+        arrays = _staged(arrays, tuple(n for _, n in self.stage))
         f = _common_fields(spec, *(arrays[k] for k in _NAMES))
         sdo = strides_elems(arrays["dout"])
         c = (Dsz * L, L, 1)
@@ -577,7 +611,7 @@ class _BwdPlan:
         self.launch = prepare(bwd_ref(spec.config), grid=(self.n_seg * blocks,), block=(32, warps), shared_mem=smem)
         self.modes = {}
 
-    def __call__(self, ptrs, deterministic: bool):
+    def __call__(self, ptrs, deterministic: bool, args):
         import cupy
 
         spec = self.spec
@@ -588,6 +622,9 @@ class _BwdPlan:
         row = self.row[:]
         for i, p in zip(self.ptr_index, ptrs):
             row[i] = p
+        staged = [_aligned_copy(args[i]) for i, _ in self.stage]
+        for (i, _), a in zip(self.stage, staged):
+            row[self.ptr_index[i]] = a.data.ptr
         row[self.atomic_index] = atomic
         outs = {}
         for name, shape, dt in self.direct:
@@ -640,7 +677,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     key, ptrs = layout_key(args + (states, ysaved), (delta_softplus,))
     plan = _BWD_PLANS.get(key) if key is not None else None
     if plan is not None and saved.spec == plan.spec:
-        return plan(ptrs, deterministic)
+        return plan(ptrs, deterministic, args)
     backend, arr = backend_of(OP, dict(zip(_NAMES + ("dout", "dlast_state"), args)))
     spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
     check_array(OP, "dout", arr["dout"], (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.in_dtype,))
@@ -666,5 +703,6 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         key, ptrs = layout_key(tuple(arr[k] for k in _NAMES + ("dout", "dlast_state")) + (states, ysaved),
                                (delta_softplus,))
         _BWD_PLANS.put(key, plan)
-    ptrs = [0 if arr[k] is None else arr[k].data.ptr for k in _NAMES + ("dout", "dlast_state")]
-    return plan(ptrs + [states.data.ptr, 0 if ysaved is None else ysaved.data.ptr], deterministic)
+    args = tuple(arr[k] for k in _NAMES + ("dout", "dlast_state"))
+    ptrs = [0 if a is None else a.data.ptr for a in args]
+    return plan(ptrs + [states.data.ptr, 0 if ysaved is None else ysaved.data.ptr], deterministic, args)
