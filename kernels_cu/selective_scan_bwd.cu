@@ -76,7 +76,6 @@ template <typename In, typename W> struct BwdWarp {
     const W* saved;
     const W* init;           // this (b, d)'s initial state (stride init_n) or null
     W *dX, *dA_acc, *dBc_acc, *dCc_acc;
-    W* slices;
     int64_t part_row;
     R Dv, bias;
 };
@@ -153,8 +152,8 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     typedef TileLayout<S, T> Slice;
     constexpr int kPerWord = 16 / int(sizeof(S));
     for (int64_t n = 0; n < N; ++n) {
-        // Addressed from the extern shared array itself, not w.slices, so the compiler knows it is
-        // shared memory: 32-bit STS addresses instead of 64-bit generic ones held in registers.
+        // Addressed from the extern shared array itself (not a pointer kept in w): the compiler
+        // then knows it is shared memory (32-bit STS addresses, not 64-bit generic ones).
         extern __shared__ __align__(16) unsigned char smem_raw[];
         S* sl = (S*)smem_raw + par * 2 * warps * Slice::kRow;
         uint4* slB = (uint4*)(sl + warp * Slice::kRow + lane * Slice::kSeg);
@@ -406,9 +405,9 @@ __global__ void __launch_bounds__(BwdMaxThreads<W>::value, 1) selective_scan_bwd
     __shared__ BwdWarp<In, W> warp_state[BwdMaxThreads<W>::value / 32];
     BwdWarp<In, W>& w = warp_state[warp];
     const int n_var = (kVarB ? 1 : 0) + (kVarC ? 1 : 0);
-    S* per_warp = (S*)smem_raw + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);   // after the padded slices
+    // [2 parities][B, C][warps] padded slice rows first (bwd_chunk), then the per-warp state arrays.
+    S* per_warp = (S*)smem_raw + (n_var ? 2 * 2 * warps * TileLayout<S, kBwdItems>::kRow : 0);
     if (lane == 0) {   // one writer per field; the warp reads them after the __syncwarp below
-        w.slices = (S*)smem_raw;                                        // [2][2][warps][chunk]
         w.dX = per_warp + warp * N;                                     // adjoint carry per state
         w.dA_acc = per_warp + (warps + warp) * N;
         w.dBc_acc = per_warp + (2 * warps + warp) * N;                  // constant B only
