@@ -428,7 +428,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns out (B, D, L) in u's dtype, and last_state (B, D, N) in A's dtype when
     ``return_last_state``. ``out`` may be a preallocated (B, D, L) array of u's dtype.
     NumPy inputs run the float64 reference; CuPy inputs run the CUDA kernel (the first call of
-    each layout validates; later calls only launch).
+    each layout validates; later calls only launch). Variable B/C whose rows are not 16-byte
+    aligned with unit stride (odd L, or a strided view) are copied into aligned rows for the
+    call (a temporary of B/C's size), as upstream makes them contiguous: the kernel reads B/C
+    for every state, and element-wise reads of them cost ~2x (b8 d1536 l2047 bf16).
     """
     check_flag(OP, "return_last_state", return_last_state)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
