@@ -434,11 +434,18 @@ __device__ __forceinline__ A conv_dx(const A* w, const A* dp, const int* ss, int
 
 // The W-1 inputs before a warp's first step (times t0-kH .. t0-1; initial_states or zeros and
 // seq_idx[b, 0] at negative time), loaded by the edge lane before the shuffles so that their
-// latency overlaps the main loads instead of following them.
+// latency overlaps the main loads instead of following them. Other lanes (edge = false) get
+// zeros: their halo comes by shuffle.
 template <int kH, bool kSeq, typename A, typename T>
-__device__ __forceinline__ void conv_load_prev_halo(A* hx, int* hs, const T* x, int64_t x_l, const T* init,
-                                                    int64_t init_k, bool has_init, const int32_t* seq,
-                                                    int64_t seq_l, int64_t t0) {
+__device__ __forceinline__ void conv_load_prev_halo(bool edge, A* hx, int* hs, const T* x, int64_t x_l,
+                                                    const T* init, int64_t init_k, bool has_init,
+                                                    const int32_t* seq, int64_t seq_l, int64_t t0) {
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+        hx[j] = A(0);
+        hs[j] = 0;
+    }
+    if (!edge) return;
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
         const int64_t t = t0 - kH + j;
@@ -613,14 +620,8 @@ causal_conv1d_fwd_cf(const ConvFwdParams p) {
     // Lane 0: the halo of the current segment (times t0-kH .. t0-1) and its seq ids.
     A hx[kH];
     int hs[kH];
-#pragma unroll
-    for (int j = 0; j < kH; ++j) {
-        hx[j] = A(0);
-        hs[j] = 0;
-    }
-    if (lane == 0)  // the group's first step, < L
-        conv_load_prev_halo<kH, kSeq>(hx, hs, x, p.x_l, init, p.init_k, p.initial_states != nullptr, seq, p.seq_l,
-                                      s_first * kSeg);
+    conv_load_prev_halo<kH, kSeq>(lane == 0, hx, hs, x, p.x_l, init, p.init_k, p.initial_states != nullptr, seq,
+                                  p.seq_l, s_first * kSeg);   // lane 0: the group's first step, < L
 
     A w[kW];
 #pragma unroll
@@ -699,14 +700,9 @@ causal_conv1d_fwd_cf_single(const ConvFwdParams p) {
     if (kSeq) conv_load_row<kItems>(sv + kH, seq, t0, L, p.seq_l, p.seq_vec && conv_aligned<16>(seq));
     A hx[kH];
     int hs[kH];
-#pragma unroll
-    for (int j = 0; j < kH; ++j) {
-        hx[j] = A(0);
-        hs[j] = 0;
-    }
-    if (lane == 0)  // lane 0's t0 is the segment start, < L
-        conv_load_prev_halo<kH, kSeq>(hx, hs, x, p.x_l, (const T*)p.initial_states + b * p.init_b + d * p.init_d,
-                                      p.init_k, p.initial_states != nullptr, seq, p.seq_l, t0);
+    conv_load_prev_halo<kH, kSeq>(lane == 0, hx, hs, x, p.x_l,   // lane 0's t0 is the segment start, < L
+                                  (const T*)p.initial_states + b * p.init_b + d * p.init_d, p.init_k,
+                                  p.initial_states != nullptr, seq, p.seq_l, t0);
 
     A w[kW];
 #pragma unroll
@@ -943,12 +939,11 @@ causal_conv1d_bwd_cf(const ConvBwdParams p) {
         int hs[kH], ns[kH];
 #pragma unroll
         for (int j = 0; j < kH; ++j) {
-            hx[j] = nx[j] = ng[j] = A(0);
-            hs[j] = ns[j] = 0;
+            nx[j] = ng[j] = A(0);
+            ns[j] = 0;
         }
-        if (lane == 0)
-            conv_load_prev_halo<kH, kSeq>(hx, hs, x, p.x_l, init, p.init_k, p.initial_states != nullptr, seq,
-                                          p.seq_l, t0);
+        conv_load_prev_halo<kH, kSeq>(lane == 0, hx, hs, x, p.x_l, init, p.init_k, p.initial_states != nullptr,
+                                      seq, p.seq_l, t0);
         if (lane == 31) {
 #pragma unroll
             for (int j = 0; j < kH; ++j) {

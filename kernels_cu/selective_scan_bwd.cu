@@ -80,6 +80,19 @@ template <typename In, typename W> struct BwdWarp {
     R Dv, bias;
 };
 
+// dL/d(ungated output) at a lane's steps: dout, times silu(z) when the forward gated by z.
+template <bool kFast, typename In, typename W, int T>
+__device__ __forceinline__ void load_dy(const SelectiveScanParams& p, const BwdWarp<In, W>& w, int64_t t0,
+                                        int64_t L, typename RealOf<W>::type (&dy)[T]) {
+    load_steps<kFast>(w.dout, p.dout_l, t0, L, dy);
+    if (w.z) {
+        typename RealOf<W>::type zv[T];
+        load_steps<kFast>(w.z, p.z_l, t0, L, zv);
+#pragma unroll
+        for (int i = 0; i < T; ++i) dy[i] *= silu_fast(zv[i]);
+    }
+}
+
 template <bool kFast, typename In, typename W, bool kVarB, bool kVarC>
 __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const BwdWarp<In, W>& w, int64_t c,
                                           bool active, int lane, int warp, int warps,
@@ -110,13 +123,7 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
     if (active) {
         load_steps<kFast>(w.u, p.u_l, t0, L, u);
         load_steps<kFast>(w.dl, p.delta_l, t0, L, dl);
-        load_steps<kFast>(w.dout, p.dout_l, t0, L, dy);
-        if (w.z) {
-            R zv[T];
-            load_steps<kFast>(w.z, p.z_l, t0, L, zv);
-#pragma unroll
-            for (int i = 0; i < T; ++i) dy[i] *= silu_fast(zv[i]);
-        }
+        load_dy<kFast>(p, w, t0, L, dy);
     }
 #pragma unroll
     for (int i = 0; i < T; ++i) {
@@ -324,13 +331,7 @@ __device__ __forceinline__ void carry_chunk(const SelectiveScanParams& p, const 
     const int64_t t0 = c * kBwdChunk + lane * T;
     R cum[T], dy[T];
     load_steps<kFast>(w.dl, p.delta_l, t0, L, cum);
-    load_steps<kFast>(w.dout, p.dout_l, t0, L, dy);
-    if (w.z) {
-        R zv[T];
-        load_steps<kFast>(w.z, p.z_l, t0, L, zv);
-#pragma unroll
-        for (int i = 0; i < T; ++i) dy[i] *= silu_fast(zv[i]);
-    }
+    load_dy<kFast>(p, w, t0, L, dy);
     R run = 0;
 #pragma unroll
     for (int i = 0; i < T; ++i) {
