@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from . import _impl
 from . import _ops  # noqa: F401  (registers torch.ops.ssmkit.*)
-from ._functions import CausalConv1dFunction, LinearScanFunction, SelectiveScanFunction
+from ._functions import CausalConv1dFunction, LinearScanFunction, MambaInnerFunction, SelectiveScanFunction
 
 __all__ = ["selective_scan_fn", "linear_scan", "causal_conv1d_fn", "causal_conv1d_update",
            "selective_state_update", "mamba_inner_fn", "SelectiveScanFunction", "LinearScanFunction",
-           "CausalConv1dFunction"]
+           "CausalConv1dFunction", "MambaInnerFunction"]
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -184,12 +184,25 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     xz (B, 2D, L) -> causal conv1d + silu on x -> x_proj -> dt_proj -> selective scan (gated by
     z) -> out_proj, returning (B, L, out_dim).
 
-    Composed from ``causal_conv1d_fn``, ``selective_scan_fn`` and torch ops, so autograd (and
-    torch.compile) handle the rest. ``checkpoint_lvl`` is accepted for compatibility; autograd
-    keeps the conv output and delta (upstream level 1 recomputes them in the backward).
+    xz: (B, 2D, L); conv1d_weight (D, 1, W) or (D, W); x_proj_weight (R + 2N, D); delta_proj_weight
+    (D, R); out_proj_weight (out_dim, D); A (D, N) float32 (or complex); D, delta_bias (D,) float32.
+
+    The common call (real A, B and C from x_proj, no B/C biases or RMS norms, eager) runs as one
+    autograd node (``MambaInnerFunction``) that honours ``checkpoint_lvl``: level 1 (the default)
+    recomputes the conv output and delta in the backward, so a layer keeps what upstream's level 1
+    keeps; level 0 keeps them. The other options (complex A, given B/C, B/C biases, the RMS norms)
+    and calls under ``torch.compile`` are composed from ``causal_conv1d_fn``, ``selective_scan_fn``
+    and torch ops, where autograd keeps the conv output and delta whatever the level.
     """
     if checkpoint_lvl not in (0, 1):
         raise ValueError(f"mamba_inner_fn: checkpoint_lvl must be 0 or 1, got {checkpoint_lvl}")
+    fused = (B is None and C is None and B_proj_bias is None and C_proj_bias is None and b_rms_weight is None
+             and c_rms_weight is None and dt_rms_weight is None and not A.is_complex() and not _is_compiling())
+    if fused and _grad_needed(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                              out_proj_bias, A, D, delta_bias):
+        return MambaInnerFunction.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                                        out_proj_weight, out_proj_bias, A, D, delta_bias, bool(delta_softplus),
+                                        checkpoint_lvl)
     L = xz.shape[-1]
     batch = xz.shape[0]
     delta_rank = delta_proj_weight.shape[1]

@@ -129,6 +129,12 @@ def _unpack_saved(saved_bytes, u, A, z, spec):
     return states, y
 
 
+def ss_ungated(saved):
+    """The un-gated output y + D u (B, D, L) that a GPU forward with z kept, as a tensor, or None."""
+    y = getattr(saved, "y", None)
+    return None if y is None else to_torch(y)
+
+
 def ss_backward(dout, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus: bool, saved,
                 dlast_state=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state), None where the
