@@ -20,6 +20,17 @@
 // kTie (Mamba-2 fast path): A, dt and dt_bias are constant along P (stride 0, as Mamba-2
 // passes them through expand): dt' and exp(A dt') are computed once per (b, h, n) and shared by
 // the tile's kRows rows, instead of once per (p, n).
+//
+// Dtypes (each argument is read in its own storage type; all math in fp32, fp64 for fp64 x):
+//   TState  state (read and written)           fp32 / fp16 / bf16       (fp64 with fp64 x)
+//   TIn     x, dt, z, out                      fp32 / fp16 / bf16 / fp64
+//   TBC     B, C                               TIn or fp32               (fp64 with fp64 x)
+//   A                                          fp32                      (fp64 with fp64 x)
+//   D, dt_bias: per-channel scalars read once per row, each in its own type chosen per call
+//   (D_type / bias_type, one of the kScalar* codes): upstream models pass them in the model
+//   dtype (Mamba-1 step: bf16 D and dt_bias) or one of each (transformers' Mamba: bf16 D with
+//   an fp32 dt_bias), and a template parameter per argument would quadruple the variants for a
+//   load that happens once per row, not once per state element.
 #include "scan.cuh"
 
 namespace ssm {
@@ -28,12 +39,12 @@ struct SelectiveStateUpdateParams {
     void* state;           // (pool, H, P, N) TState, updated in place
     const void* x;         // (B, H, P) TIn
     const void* dt;        // (B, H, P) TIn
-    const void* A;         // (H, P, N) weight type
-    const void* B;         // (B, G, N) TIn
-    const void* C;         // (B, G, N) TIn
-    const void* D;         // (H, P) weight type, or null
+    const void* A;         // (H, P, N) fp32 (fp64 with fp64 x)
+    const void* B;         // (B, G, N) TBC
+    const void* C;         // (B, G, N) TBC
+    const void* D;         // (H, P) D_type, or null
     const void* z;         // (B, H, P) TIn, or null
-    const void* dt_bias;   // (H, P) weight type, or null
+    const void* dt_bias;   // (H, P) bias_type, or null
     const void* indices;   // (B,) int32/int64, or null (state row b)
     void* out;             // (B, H, P) TIn
     int64_t batch, heads, headdim, dstate;
@@ -58,11 +69,33 @@ struct SelectiveStateUpdateParams {
     int32_t idx_is_int64;
     int32_t vec_state;      // 1: state chunks are 16-byte aligned with unit stride along N
     int32_t vec_A;          // 1: A chunks aligned (min(16, kVec * 4 or 8) bytes), unit stride
-    int32_t vec_B;          // 1: B chunks aligned (min(16, kVec * sizeof(TIn))), unit stride
+    int32_t vec_B;          // 1: B chunks aligned (min(16, kVec * sizeof(TBC))), unit stride
     int32_t vec_C;
+    int32_t D_type;         // storage type of D: a kScalar* code (0 when D is null)
+    int32_t bias_type;      // storage type of dt_bias: a kScalar* code (0 when null)
 };
 
-// Weight type (A, D, dt_bias): fp32, fp64 with fp64 inputs.
+// Storage type codes of D and dt_bias (mirrored by SCALAR_CODE in the host code).
+constexpr int kScalarF32 = 0, kScalarBf16 = 1, kScalarF16 = 2, kScalarF64 = 3;
+
+// Element i of a per-channel array stored as `type`, in the compute type R. The host sends
+// kScalarF64 only to the fp64 instantiations (R = double), so fp32 variants carry no fp64 load.
+template <typename R>
+__device__ __forceinline__ R load_scalar(const void* base, int64_t i, int type) {
+    if (type == kScalarBf16) return (R)to_float(((const bf16*)base)[i]);
+    if (type == kScalarF16) return (R)to_float(((const f16*)base)[i]);
+    if constexpr (IsSame<R, double>::value) {
+        if (type == kScalarF64) return ((const double*)base)[i];
+    }
+    return (R)((const float*)base)[i];
+}
+
+__device__ __forceinline__ const void* scalar_addr(const void* base, int64_t i, int type) {
+    const int bytes = type == kScalarF32 ? 4 : (type == kScalarF64 ? 8 : 2);
+    return (const char*)base + i * bytes;
+}
+
+// Type of A: fp32, fp64 with fp64 inputs.
 template <typename TIn> struct WeightOf { typedef float type; };
 template <> struct WeightOf<double> { typedef double type; };
 
@@ -167,7 +200,7 @@ __device__ __forceinline__ void load_chunk(const T* p, int64_t stride, bool vec,
 }
 
 // ---- the kernel -----------------------------------------------------------------------------
-template <typename TState, typename TIn, int kTie>
+template <typename TState, typename TIn, typename TBC, int kTie>
 __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const SelectiveStateUpdateParams p) {
     typedef SsuTraits<TState, TIn, kTie> Tr;
     typedef typename Tr::acc_t R;
@@ -203,11 +236,11 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
     const TIn* xs = (const TIn*)p.x + b * p.x_b + h * p.x_h;
     const TIn* dts = (const TIn*)p.dt + b * p.dt_b + h * p.dt_h;
     const TIn* zs = (const TIn*)p.z;
-    const W* Ds = (const W*)p.D;
-    const W* biases = (const W*)p.dt_bias;
+    const void* Ds = p.D;
+    const void* biases = p.dt_bias;
     auto dt_eff = [&](int64_t pp) -> R {
         R d = to_acc(dts[pp * p.dt_p]);
-        if (biases != nullptr) d += (R)biases[h * p.bias_h + pp * p.bias_p];
+        if (biases != nullptr) d += load_scalar<R>(biases, h * p.bias_h + pp * p.bias_p, p.bias_type);
         if (p.dt_softplus) d = softplus_fast(d);  // SFU versions (~2 ulp); fp64: accurate
         return d;
     };
@@ -226,7 +259,7 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
                 // holding registers across the state loop.
                 if ((j & (lanes - 1)) == lig) {  // the lane that writes row j's output
                     if (zs != nullptr) prefetch_l1(zs + b * p.z_b + h * p.z_h + pp * p.z_p);
-                    if (Ds != nullptr) prefetch_l1(Ds + h * p.D_h + pp * p.D_p);
+                    if (Ds != nullptr) prefetch_l1(scalar_addr(Ds, h * p.D_h + pp * p.D_p, p.D_type));
                 }
                 const R d = kTie ? dt_tied : dt_eff(pp);
                 dtx[j] = d * xv;
@@ -252,8 +285,8 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
 
     if (live) {  // uniform within the group; no shuffles inside
         const W* As = (const W*)p.A + h * p.A_h + p0 * p.A_p;
-        const TIn* Bs = (const TIn*)p.B + b * p.B_b + grp * p.B_g;
-        const TIn* Cs = (const TIn*)p.C + b * p.C_b + grp * p.C_g;
+        const TBC* Bs = (const TBC*)p.B + b * p.B_b + grp * p.B_g;
+        const TBC* Cs = (const TBC*)p.C + b * p.C_b + grp * p.C_g;
         if (p.vec_state) {
             // Fast path: N % kVec == 0, one 16-byte state access per row and chunk. All loads of
             // a chunk are issued before the first use.
@@ -266,8 +299,8 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
                 for (int j = 0; j < kRows; ++j)
                     if (j < nrows) load_vec<TState, kVec>(st + j * p.state_p + n0, s_raw[j]);
                 R Bv[kVec], Cv[kVec];
-                load_chunk<TIn, kVec, R>(Bs + n0 * p.B_n, p.B_n, vec_B, Bv);
-                load_chunk<TIn, kVec, R>(Cs + n0 * p.C_n, p.C_n, vec_C, Cv);
+                load_chunk<TBC, kVec, R>(Bs + n0 * p.B_n, p.B_n, vec_B, Bv);
+                load_chunk<TBC, kVec, R>(Cs + n0 * p.C_n, p.C_n, vec_C, Cv);
                 R a[kTie ? 1 : kRows][kVec];
 #pragma unroll
                 for (int j = 0; j < (kTie ? 1 : kRows); ++j)
@@ -334,7 +367,7 @@ __global__ void __launch_bounds__(kMaxThreads) selective_state_update(const Sele
             R o = R(0);
             if (live) {
                 o = acc[j];
-                if (Ds != nullptr) o += (R)Ds[h * p.D_h + pp * p.D_p] * (R)to_acc(xs[pp * p.x_p]);
+                if (Ds != nullptr) o += load_scalar<R>(Ds, h * p.D_h + pp * p.D_p, p.D_type) * (R)to_acc(xs[pp * p.x_p]);
                 if (zs != nullptr) o *= silu_fast((R)to_acc(zs[b * p.z_b + h * p.z_h + pp * p.z_p]));
             }
             outs[(p0 + j) * p.out_p] = Convert<TIn>::from(o);

@@ -114,15 +114,18 @@ VALIDATION = [
     (1, dict(B=np.zeros((2, 5), F32)), ValueError, r"argument 'B' must have shape \(2, 4\) = \(B, N\), got \(2, 5\)"),
     (1, dict(C=np.zeros((2, 1, 4), F32)), ValueError, r"argument 'C' must have shape \(2, 4\)"),
     (1, dict(A=np.zeros((5, 3), F32)), ValueError, r"argument 'A' must have shape \(5, 4\) = \(D, N\), got \(5, 3\)"),
-    (1, dict(A=np.zeros((5, 4), F16)), TypeError, r"argument 'A' must have dtype in \('float32',\), got float16"),
+    (1, dict(A=np.zeros((5, 4), F64)), TypeError, r"argument 'A' must have dtype in \('float16', 'bfloat16', 'float32'\) \(with float32 x\), got float64"),
     (1, dict(D=np.zeros(4, F32)), ValueError, r"argument 'D' must have shape \(5,\) = \(D\), got \(4,\)"),
-    (1, dict(D=np.zeros(5, F64)), TypeError, r"argument 'D' must have dtype in \('float32',\), got float64"),
+    (1, dict(D=np.zeros(5, F64)), TypeError, r"argument 'D' must have dtype in \('float16', 'bfloat16', 'float32'\) \(with float32 x\), got float64"),
     (1, dict(dt_bias=np.zeros((5, 1), F32)), ValueError, r"argument 'dt_bias' must have shape \(5,\)"),
-    (1, dict(dt_bias=np.zeros(5, F16)), TypeError, r"argument 'dt_bias' must have dtype"),
-    (1, dict(dt=np.zeros((2, 5), F16)), TypeError, r"share one dtype; got x: float32, dt: float16"),
-    (1, dict(C=np.zeros((2, 4), F64)), TypeError, r"share one dtype"),
+    (1, dict(dt_bias=np.zeros(5, F64)), TypeError, r"argument 'dt_bias' must have dtype in \('float16', 'bfloat16', 'float32'\) \(with float32 x\), got float64"),
+    (1, dict(dt=np.zeros((2, 5), F64)), TypeError, r"argument 'dt' must have dtype in \('float16', 'bfloat16', 'float32'\) \(x is float32: .* never narrowed\), got float64"),
+    (1, dict(z=np.zeros((2, 5), F64)), TypeError, r"argument 'z' must have dtype in \('float16', 'bfloat16', 'float32'\) \(x is float32"),
+    (1, dict(C=np.zeros((2, 4), F64)), TypeError, r"argument 'C' must have dtype in \('float16', 'bfloat16', 'float32'\) \(with float32 x\), got float64"),
+    (1, dict(B=np.zeros((2, 4), np.int32)), TypeError, r"argument 'B' must have dtype in .*, got int32"),
+    (1, dict(dt=np.zeros((2, 5), np.int64)), TypeError, r"argument 'dt' must have dtype in .*, got int64"),
     (1, dict(x=np.zeros((2, 5), np.int32)), TypeError, r"argument 'x' must have dtype in"),
-    (1, dict(state=np.zeros((2, 5, 4), F64)), TypeError, r"argument 'state' must have dtype in \('float32', 'float16', 'bfloat16'\), got float64"),
+    (1, dict(state=np.zeros((2, 5, 4), F64)), TypeError, r"argument 'state' must have dtype in \('float32', 'float16', 'bfloat16'\) \(with float32 x; the state is updated in place, never converted\), got float64"),
     (1, dict(state=np.zeros((3, 5, 4), F32)), ValueError, r"argument 'state' must have shape \(2, 5, 4\) = \(B, D, N\), got \(3, 5, 4\)"),
     (1, dict(state=np.zeros((2, 5, 0), F32), A=np.zeros((5, 0), F32), B=np.zeros((2, 0), F32), C=np.zeros((2, 0), F32)),
      ValueError, r"N \(the last axis of 'state'\) must be >= 1"),
@@ -153,13 +156,19 @@ def test_validation(kind, over, err, match):
         ssmkit.selective_state_update(**_bad(kind, **over))
 
 
-def test_fp64_everywhere_required_together():
-    args = _mamba1(dtype=np.float64, wdtype=np.float32)
-    with pytest.raises(TypeError, match=r"argument 'A' must have dtype in \('float64',\), got float32"):
-        ssmkit.selective_state_update(**args)
+def test_fp64_state_goes_with_fp64_x():
+    """The state is written in place, so its dtype is never converted: fp64 x needs an fp64
+    state and an fp64 state needs fp64 x. Narrower A, B, C, D, dt_bias with fp64 x are fine."""
     args = _mamba1(dtype=np.float64, wdtype=np.float64, sdtype=np.float32)
-    with pytest.raises(TypeError, match=r"argument 'state' must have dtype in \('float64',\), got float32"):
+    with pytest.raises(TypeError, match=r"argument 'state' must have dtype in \('float64',\) \(with float64 x"):
         ssmkit.selective_state_update(**args)
+    args = _mamba1(dtype=np.float32, wdtype=np.float32, sdtype=np.float64)
+    with pytest.raises(TypeError, match=r"argument 'state' must have dtype in \('float32', 'float16', 'bfloat16'\)"):
+        ssmkit.selective_state_update(**args)
+    rules = op.dtype_rules(**{k: v for k, v in _mamba1(dtype=np.float64, wdtype=np.float32).items()
+                              if k != "dt_softplus"})
+    assert rules.bc == "float64" and rules.D == rules.dt_bias == "float32"
+    assert rules.widen == ((ARGS.index("A"), "float64"),)
 
 
 def test_mixed_array_types_rejected():
@@ -177,12 +186,17 @@ def test_plan_needs_gpu_arrays():
 # ---- CPU: kernel choice, params layout, launch geometry -----------------------------------------
 
 def test_kernel_choice_is_one_function():
-    assert op.kernel_ref("float32", "bfloat16", True).name == "ssm::selective_state_update<float, ssm::bf16, 1>"
-    assert op.kernel_ref("float64", "float64", False).name == "ssm::selective_state_update<double, double, 0>"
+    assert op.kernel_ref("float32", "bfloat16", True).name == \
+        "ssm::selective_state_update<float, ssm::bf16, ssm::bf16, 1>"
+    assert op.kernel_ref("bfloat16", "float16", False, "float32").name == \
+        "ssm::selective_state_update<ssm::bf16, ssm::f16, float, 0>"
+    assert op.kernel_ref("float64", "float64", False).name == "ssm::selective_state_update<double, double, double, 0>"
     refs = op.variants()
-    assert len(refs) == 20 and len(set(refs)) == 20
+    # 3 states x (x, B/C) in (fp16, fp16) (fp16, fp32) (bf16, bf16) (bf16, fp32) (fp32, fp32) x tie, + fp64
+    assert len(refs) == 3 * 5 * 2 + 2 == len(set(refs))
     assert len(op.variants(dtype="float64")) == 2
-    assert len(op.variants(state_dtype="float32", tie=True)) == 3
+    assert len(op.variants(state_dtype="float32", tie=True)) == 5
+    assert len(op.variants(bc_dtype="float32")) == 3 * 3 * 2
     assert ssmkit.selective_state_update.plan is ssmkit.SelectiveStateUpdatePlan
 
 
@@ -190,7 +204,8 @@ def test_kernel_choice_is_one_function():
 def test_params_layout():
     from ssmkit._nvrtc_offline import compile_file
 
-    compile_file(op.KERNEL_FILE, [op.kernel_ref("float32", "bfloat16", False).name], 90,
+    compile_file(op.KERNEL_FILE, [op.kernel_ref("float32", "bfloat16", False).name,
+                                  op.kernel_ref("bfloat16", "bfloat16", False, "float32").name], 90,
                  extra_source=op.PARAMS.layout_asserts())
 
 
@@ -200,7 +215,7 @@ def test_every_variant_compiles(arch):
     from ssmkit._nvrtc_offline import compile_refs
 
     (res,) = compile_refs(op.variants(), arch)
-    assert res.cubin_bytes > 0 and len(res.lowered) == 20
+    assert res.cubin_bytes > 0 and len(res.lowered) == 32
 
 
 def _flat(arr):

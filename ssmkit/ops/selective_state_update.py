@@ -9,6 +9,14 @@ Shapes (B batch, D channels, N state, H heads, P head dim, G groups):
 Math: dt' = dt + dt_bias (softplus'ed with ``dt_softplus``); state = state * exp(A dt') +
 B dt' x; out = sum_n state C + D x; out *= silu(z). Kernel: kernels_cu/selective_state_update.cu.
 
+Dtypes (``dtype_rules``): every argument is read in its own dtype and the math runs in fp32
+(fp64 for fp64 x), as upstream's Triton kernel loads each argument in its own dtype. The kernel
+reads x, dt, z, out in x's dtype; B, C in x's dtype or fp32; A in fp32; D and dt_bias each in
+fp32, fp16 or bf16 (its own, chosen per call); the state in fp32, fp16 or bf16 (fp64 x: fp64
+state, A, B, C). An argument the kernel does not read in its own dtype but can hold exactly in a
+wider one (a 16-bit A, dt or z with fp32 x, 16-bit B/C other than x's) is widened on the host,
+one extra copy per call; nothing is ever narrowed: the rest raises TypeError.
+
 Three ways to call it, from most convenient to cheapest per call:
 
 * ``selective_state_update(...)``: validates the first call of each layout and caches a prepared
@@ -32,21 +40,31 @@ from .._launch import MAX_GRID_X
 from .._params import Params
 from .._plan import layout_key, loaded_ndarray_type, ndarray_type
 from .._registry import register
-from .._validate import check_array, check_flag, check_ndim, check_same_dtype
+from .._validate import check_array, check_flag, check_ndim
 
 OP = "selective_state_update"
 KERNEL_FILE = "selective_state_update.cu"
 
 _CTYPE = {"float16": "ssm::f16", "bfloat16": "ssm::bf16", "float32": "float", "float64": "double"}
-# Input dtype (x, dt, z, B, C, out) -> accepted state dtypes. fp64 inputs run fully in fp64.
+# x's dtype (x, dt, z, out) -> accepted state dtypes (the state is written in place: never
+# converted). fp64 x runs fully in fp64.
 STATE_DTYPES = {
     "float16": ("float32", "float16", "bfloat16"),
     "bfloat16": ("float32", "float16", "bfloat16"),
     "float32": ("float32", "float16", "bfloat16"),
     "float64": ("float64",),
 }
-# Input dtype -> dtype of A, D and dt_bias.
-WEIGHT_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+# x's dtype -> the compute type, which is also the kernel's type of A (and the B/C type when
+# B/C are not both in x's dtype).
+COMPUTE_DTYPE = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+# x's dtype -> the kernel's B/C types (template parameter TBC): x's own, or the compute type.
+BC_DTYPES = {"float16": ("float16", "float32"), "bfloat16": ("bfloat16", "float32"),
+             "float32": ("float32",), "float64": ("float64",)}
+# dtype -> the wider dtypes that hold each of its values exactly (a lossless widening).
+WIDENS_TO = {"float16": ("float32", "float64"), "bfloat16": ("float32", "float64"),
+             "float32": ("float64",), "float64": ()}
+# Storage type codes of D and dt_bias (kScalar* in the kernel).
+SCALAR_CODE = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
 INDEX_DTYPES = ("int32", "int64")
 # Mirrors of SsuTraits in the kernel: state elements per 16-byte access, rows per lane group.
 VEC_ELEMS = {"float32": 4, "float16": 8, "bfloat16": 8, "float64": 2}
@@ -84,6 +102,7 @@ PARAMS = Params("ssm::SelectiveStateUpdateParams", [
     ("idx_stride", "int64_t"),
     ("lanes", "int32_t"), ("n_chunks", "int32_t"), ("dt_softplus", "int32_t"), ("idx_is_int64", "int32_t"),
     ("vec_state", "int32_t"), ("vec_A", "int32_t"), ("vec_B", "int32_t"), ("vec_C", "int32_t"),
+    ("D_type", "int32_t"), ("bias_type", "int32_t"),
 ])
 # The 11 pointers lead the struct, in ARG_NAMES order: a launch packs them in one struct call
 # in front of the per-layout tail.
@@ -93,14 +112,18 @@ assert tuple(PARAMS.names[:11]) == _PTR_FIELDS
 assert all(PARAMS.dtype.fields[n][1] == 8 * i for i, n in enumerate(_PTR_FIELDS))
 
 
-def kernel_ref(state_dtype: str, dtype: str, tie: bool) -> KernelRef:
-    """The one place that turns a spec into a template instantiation."""
-    return KernelRef(KERNEL_FILE,
-                     f"ssm::selective_state_update<{_CTYPE[state_dtype]}, {_CTYPE[dtype]}, {int(bool(tie))}>")
+def kernel_ref(state_dtype: str, dtype: str, tie: bool, bc_dtype: str | None = None) -> KernelRef:
+    """The one place that turns a spec into a template instantiation: state type, x's type
+    (x, dt, z, out), B/C type (None: x's), tied fast path. D and dt_bias are typed per call."""
+    bc = dtype if bc_dtype is None else bc_dtype
+    return KernelRef(KERNEL_FILE, f"ssm::selective_state_update<{_CTYPE[state_dtype]}, {_CTYPE[dtype]}, "
+                                  f"{_CTYPE[bc]}, {int(bool(tie))}>")
 
 
 @register(OP)
-def variants(state_dtype: str | None = None, dtype: str | None = None, tie: bool | None = None) -> list[KernelRef]:
+def variants(state_dtype: str | None = None, dtype: str | None = None, tie: bool | None = None,
+             bc_dtype: str | None = None) -> list[KernelRef]:
+    """Every instantiation (30 + 2 fp64): 3 state types x the 5 (x, B/C) type pairs x tie."""
     refs = []
     for d, states in STATE_DTYPES.items():
         if dtype not in (None, d):
@@ -108,10 +131,110 @@ def variants(state_dtype: str | None = None, dtype: str | None = None, tie: bool
         for s in states:
             if state_dtype not in (None, s):
                 continue
-            for t in (False, True):
-                if tie in (None, t):
-                    refs.append(kernel_ref(s, d, t))
+            for bc in BC_DTYPES[d]:
+                if bc_dtype not in (None, bc):
+                    continue
+                for t in (False, True):
+                    if tie in (None, t):
+                        refs.append(kernel_ref(s, d, t, bc))
     return refs
+
+
+# ---- dtype rules ----------------------------------------------------------------------------
+
+def _accepted(target: str) -> tuple[str, ...]:
+    """Dtypes that are ``target`` or widen to it exactly."""
+    return tuple(t for t in FLOAT_NAMES if t == target or target in WIDENS_TO[t])
+
+
+@dataclass(frozen=True)
+class DtypeRules:
+    """How a call's dtypes map onto the kernel: its template types, the per-call types of D and
+    dt_bias, and the arguments widened on the host first (argument index in ARG_NAMES, dtype)."""
+
+    state: str
+    x: str
+    bc: str
+    D: str | None
+    dt_bias: str | None
+    widen: tuple[tuple[int, str], ...]
+
+
+def dtype_rules(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> DtypeRules:
+    """The dtype half of ``validate`` (shapes are checked there): raises TypeError naming the
+    argument, its dtype and the dtypes it may have.
+
+    * x: fp16, bf16, fp32 or fp64; it fixes the compute type (fp32; fp64 for fp64 x).
+    * state: fp32, fp16 or bf16 (fp64 with fp64 x); written in place, so never converted.
+    * dt, z: x's dtype, or a narrower float that widens to it exactly (16-bit with fp32 x).
+    * B, C: both in x's dtype (read as such), else each the compute type or narrower.
+    * A: the compute type or narrower.  D, dt_bias: each the compute type or narrower, read in
+      its own dtype (no copy).
+    Anything wider than what the kernel reads (fp32 dt with bf16 x, fp64 A with fp32 x) would
+    have to be narrowed: refused.
+    """
+    xd = dtype_name(x)
+    if xd not in FLOAT_NAMES:
+        raise TypeError(f"{OP}: argument 'x' must have dtype in {FLOAT_NAMES}, got {xd}")
+    comp = COMPUTE_DTYPE[xd]
+    sd = dtype_name(state)
+    if sd not in STATE_DTYPES[xd]:
+        raise TypeError(f"{OP}: argument 'state' must have dtype in {STATE_DTYPES[xd]} (with {xd} x; the state "
+                        f"is updated in place, never converted), got {sd}")
+    widen = []
+    for name, arr in (("dt", dt), ("z", z)):
+        if arr is None:
+            continue
+        got, ok = dtype_name(arr), _accepted(xd)
+        if got not in ok:
+            raise TypeError(f"{OP}: argument '{name}' must have dtype in {ok} (x is {xd}: x, dt, z and out share "
+                            f"one dtype; a narrower float is widened, a wider one never narrowed), got {got}")
+        if got != xd:
+            widen.append((ARG_NAMES.index(name), xd))
+    bd, cd = dtype_name(B), dtype_name(C)
+    bc = xd if bd == xd and cd == xd else comp
+    for name, got in (("B", bd), ("C", cd)):
+        ok = _accepted(comp)
+        if got not in ok:
+            raise TypeError(f"{OP}: argument '{name}' must have dtype in {ok} (with {xd} x), got {got}")
+        if got != bc:
+            widen.append((ARG_NAMES.index(name), bc))
+    got = dtype_name(A)
+    if got not in _accepted(comp):
+        raise TypeError(f"{OP}: argument 'A' must have dtype in {_accepted(comp)} (with {xd} x), got {got}")
+    if got != comp:
+        widen.append((ARG_NAMES.index("A"), comp))
+    scalar = {}
+    for name, arr in (("D", D), ("dt_bias", dt_bias)):
+        if arr is None:
+            scalar[name] = None
+            continue
+        got = dtype_name(arr)
+        if got not in _accepted(comp):
+            raise TypeError(f"{OP}: argument '{name}' must have dtype in {_accepted(comp)} (with {xd} x), got {got}")
+        scalar[name] = got
+    return DtypeRules(sd, xd, bc, scalar["D"], scalar["dt_bias"], tuple(sorted(widen)))
+
+
+def _widen(arr, dtype: str):
+    """``arr`` copied into the wider ``dtype`` (every value exact), C-contiguous. Axes of stride 0
+    (A, dt expanded along P) stay broadcast, so the tied fast path still applies."""
+    import cupy
+
+    if any(s == 0 and n > 1 for s, n in zip(arr.strides, arr.shape)):
+        core = arr[tuple(slice(0, 1) if s == 0 and n > 1 else slice(None) for s, n in zip(arr.strides, arr.shape))]
+        return cupy.broadcast_to(core.astype(dtype, order="C"), arr.shape)
+    return arr.astype(dtype, order="C")
+
+
+def _widened(widen, arrays: tuple) -> tuple:
+    """The call's arrays with the listed ones widened (one copy each)."""
+    if not widen:
+        return arrays
+    out = list(arrays)
+    for i, dtype in widen:
+        out[i] = _widen(arrays[i], dtype)
+    return tuple(out)
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -136,6 +259,10 @@ class SsuSpec:
     index_dtype: str | None
     dt_softplus: bool
     has_out: bool
+    bc_dtype: str | None = None               # the kernel's B/C type (None: x's dtype)
+    D_dtype: str | None = None                # D's dtype, read as such (None: fp32 or absent)
+    bias_dtype: str | None = None             # dt_bias's dtype, likewise
+    widen: tuple[tuple[int, str], ...] = ()   # (index in ARG_NAMES, dtype): widened per call
 
 
 def validate(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -157,31 +284,29 @@ def validate(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     act_letters = "B" + letters
     check_array(OP, "x", x, act, act_letters, FLOAT_NAMES)
     dtype = dtype_name(x)
-    check_array(OP, "dt", dt, act, act_letters, FLOAT_NAMES)
+    check_array(OP, "dt", dt, act, act_letters)
     if z is not None:
-        check_array(OP, "z", z, act, act_letters, FLOAT_NAMES)
+        check_array(OP, "z", z, act, act_letters)
     if N < 1:
         raise ValueError(f"{OP}: N (the last axis of 'state') must be >= 1, got shape {tuple(state.shape)}")
     if mamba2:
         check_ndim(OP, "B", B, (3,), "(B, G, N)")
         groups = int(B.shape[1])
-        check_array(OP, "B", B, (batch, None, N), "BGN", FLOAT_NAMES)
-        check_array(OP, "C", C, (batch, groups, N), "BGN", FLOAT_NAMES)
+        check_array(OP, "B", B, (batch, None, N), "BGN")
+        check_array(OP, "C", C, (batch, groups, N), "BGN")
         if groups < 1 or H % groups != 0:
             raise ValueError(f"{OP}: the groups G = {groups} of 'B' (shape {tuple(B.shape)}) must divide "
                              f"H = {H} heads (and be >= 1)")
     else:
         groups = 1
-        check_array(OP, "B", B, (batch, N), "BN", FLOAT_NAMES)
-        check_array(OP, "C", C, (batch, N), "BN", FLOAT_NAMES)
-    check_same_dtype(OP, ("x", "dt", "z", "B", "C"), (x, dt, z, B, C))
-    wdt = WEIGHT_DTYPE[dtype]
-    check_array(OP, "A", A, chan + (N,), letters + "N", (wdt,))
+        check_array(OP, "B", B, (batch, N), "BN")
+        check_array(OP, "C", C, (batch, N), "BN")
+    check_array(OP, "A", A, chan + (N,), letters + "N")
     if D is not None:
-        check_array(OP, "D", D, chan, letters, (wdt,))
+        check_array(OP, "D", D, chan, letters)
     if dt_bias is not None:
-        check_array(OP, "dt_bias", dt_bias, chan, letters, (wdt,))
-    check_array(OP, "state", state, state.shape, dtypes=STATE_DTYPES[dtype])
+        check_array(OP, "dt_bias", dt_bias, chan, letters)
+    rules = dtype_rules(state, x, dt, A, B, C, D, z, dt_bias)
     index_dtype = None
     if state_batch_indices is None:
         check_array(OP, "state", state, act + (N,), act_letters + "N")
@@ -194,9 +319,9 @@ def validate(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
         if arr is not None and any(s == 0 and n > 1 for s, n in zip(arr.strides, arr.shape)):
             raise ValueError(f"{OP}: argument '{name}' is written and must not have zero strides "
                              f"(a broadcast view), got strides {tuple(arr.strides)} for shape {tuple(arr.shape)}")
-    return SsuSpec(mamba2, batch, H, P, N, groups, pool, dtype_name(state), dtype, D is not None,
+    return SsuSpec(mamba2, batch, H, P, N, groups, pool, rules.state, dtype, D is not None,
                    z is not None, dt_bias is not None, state_batch_indices is not None, index_dtype,
-                   bool(dt_softplus), out is not None)
+                   bool(dt_softplus), out is not None, rules.bc, rules.D, rules.dt_bias, rules.widen)
 
 
 # ---- layout: strides in head form, vector flags, the tied fast path ----------------------------
@@ -319,18 +444,21 @@ def launch_config(spec: SsuSpec, arrays, ptrs, sms: int) -> LaunchConfig:
         C_b=Cs[0], C_g=Cs[1], C_n=Cs[2], D_h=Ds[0], D_p=Ds[1], bias_h=bs[0], bias_p=bs[1],
         idx_stride=ids[0], lanes=lanes, n_chunks=n_chunks, dt_softplus=int(spec.dt_softplus),
         idx_is_int64=int(spec.index_dtype == "int64"),
-        vec_state=int(vec[0] > 0), vec_A=int(vec[1] > 0), vec_B=int(vec[2] > 0), vec_C=int(vec[3] > 0))
+        vec_state=int(vec[0] > 0), vec_A=int(vec[1] > 0), vec_B=int(vec[2] > 0), vec_C=int(vec[3] > 0),
+        D_type=SCALAR_CODE[spec.D_dtype or "float32"], bias_type=SCALAR_CODE[spec.bias_dtype or "float32"])
     return LaunchConfig(tie, vec, grid, block, fields)
 
 
 class _Prepared:
     """Everything of one launch but the 11 pointers: kernel, grid, block, params tail."""
 
-    __slots__ = ("spec", "cfg", "tie", "ref", "kernel", "grid", "block", "tail", "empty", "vec")
+    __slots__ = ("spec", "cfg", "tie", "ref", "kernel", "grid", "block", "tail", "empty", "vec", "widen")
 
     def __init__(self, spec: SsuSpec, arrays: tuple, ptrs: list[int], device: int):
+        """``arrays``/``ptrs``: what the kernel reads, i.e. after ``_widened`` (spec.widen)."""
         cfg = launch_config(spec, arrays, ptrs, _num_sms(device))
         self.spec = spec
+        self.widen = spec.widen
         self.cfg = cfg
         self.tie = cfg.tie
         self.vec = cfg.vec
@@ -338,7 +466,7 @@ class _Prepared:
         self.tail = PARAMS.pack(**cfg.fields).tobytes()[_PTRS.size:]
         self.grid = (cfg.grid, 1, 1)
         self.block = (cfg.block, 1, 1)
-        self.ref = kernel_ref(spec.state_dtype, spec.dtype, cfg.tie)
+        self.ref = kernel_ref(spec.state_dtype, spec.dtype, cfg.tie, spec.bc_dtype)
         self.kernel = get_kernel(self.ref)  # compile/load now, never inside a graph capture
 
     def params(self, ptrs) -> np.ndarray:
@@ -393,13 +521,23 @@ def _run_cupy(arrays, dt_softplus):
         arrays = tuple(named[n] for n in ARG_NAMES)
         spec = validate(*arrays[:9], dt_softplus=dt_softplus, state_batch_indices=arrays[9], out=arrays[10])
         _check_device(arrays, device)
+        key, _ = _layout_key(arrays, dt_softplus, device)
+        arrays = _widened(spec.widen, arrays)
         ptrs = [0 if a is None else int(a.data.ptr) for a in arrays]
         prep = _Prepared(spec, arrays, ptrs, device)
-        key, _ = _layout_key(arrays, dt_softplus, device)
         if key is not None:
             if len(_CACHE) >= _CACHE_MAX:
                 _CACHE.clear()
             _CACHE[key] = prep
+    elif prep.widen:
+        # Fresh widened copies each call: the prepared strides and vector flags still hold (the
+        # copies are C-contiguous, broadcast axes kept) unless the pool hands out an address the
+        # vector flags cannot use; then this call gets its own launch.
+        arrays = _widened(prep.widen, arrays)
+        for i, _ in prep.widen:
+            ptrs[i] = int(arrays[i].data.ptr)
+        if not prep.aligned(ptrs):
+            prep = _Prepared(prep.spec, arrays, ptrs, device)
     out = arrays[10]
     if out is None:
         x = arrays[1]
@@ -432,9 +570,24 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     and its output is 0 (the GPU also treats an index >= B_pool as padding; the NumPy path
     raises). Indices must be distinct (as upstream, duplicates race).
 
-    Dtypes: state fp32, fp16 or bf16 with x, dt, z, B, C one of fp32/fp16/bf16; A, D, dt_bias
-    fp32; math in fp32. Or everything fp64 (state, inputs and weights), math in fp64.
-    ``out`` (B, D) / (B, H, P) in x's dtype is written in full (allocated when None). Any strides.
+    Dtypes (math in fp32; in fp64 for fp64 x), each argument read in its own dtype as upstream:
+
+    * x fp16, bf16, fp32 or fp64; ``out`` (B, D) / (B, H, P) in x's dtype, written in full
+      (allocated when None);
+    * state fp32, fp16 or bf16 (fp64 with fp64 x), updated in its dtype;
+    * dt, z in x's dtype; B, C in x's dtype or fp32; A fp32; D and dt_bias each fp32, fp16 or
+      bf16 independently (fp64 x: fp64 state, A, B, C; D, dt_bias any float). This covers
+      upstream's Mamba-1 step (bf16 state, x, dt, z, B, C, D, dt_bias with fp32 A), transformers'
+      Mamba (bf16 D with fp32 dt_bias) and fp32 states with 16-bit inputs;
+    * exact widenings done here, one extra copy kernel per widened argument per call: a 16-bit
+      A; 16-bit dt, z (or B, C) with fp32 x; B/C in mixed or other 16-bit dtypes (to fp32);
+      anything narrower than fp64 with fp64 x. Such calls allocate: pass those arguments in the
+      kernel's dtype for CUDA-graph capture (``SelectiveStateUpdatePlan`` refuses them).
+    * refused (TypeError naming the argument, its dtype and the accepted ones), since reading
+      them would round: dt or z wider than x (fp32 dt with bf16 x) or in the other 16-bit
+      dtype; an fp64 state, A, B, C, D or dt_bias with non-fp64 x; a non-fp64 state with fp64 x.
+
+    Any strides.
 
     NumPy inputs run the float64 reference (``ssmkit.reference.selective_state_update``); CuPy
     inputs launch one kernel on the current stream without synchronizing. The first call of
@@ -510,15 +663,21 @@ class SelectiveStateUpdatePlan:
 
     def __init__(self, state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus: bool = False,
                  state_batch_indices=None, out=None):
-        import cupy
-
         named = dict(zip(ARG_NAMES, (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out)))
         backend, named = backend_of(OP, named)
         arrays = [named[n] for n in ARG_NAMES]
         if backend != CUPY:
             raise TypeError(f"{OP}: SelectiveStateUpdatePlan needs CuPy (GPU) arrays; "
                             "NumPy inputs run the reference through selective_state_update")
+        import cupy
+
         self.spec = validate(*arrays[:9], dt_softplus=dt_softplus, state_batch_indices=arrays[9], out=arrays[10])
+        if self.spec.widen:
+            i, want = self.spec.widen[0]
+            name = ARG_NAMES[i]
+            raise TypeError(f"{OP}: SelectiveStateUpdatePlan does not convert arguments: '{name}' is "
+                            f"{dtype_name(arrays[i])} but the kernel reads it as {want} (a widening copy on every "
+                            f"call, which a plan or a captured graph would not redo); pass '{name}' as {want}")
         device = cupy.cuda.runtime.getDevice()
         _check_device(arrays, device)
         if arrays[10] is None:
