@@ -62,7 +62,7 @@ class Block(nn.Module):
         if not self.fused_add_norm:
             residual = hidden_states + residual if residual is not None else hidden_states
             hidden_states = norm(residual.to(dtype=norm.weight.dtype))
-            if self.residual_in_fp32:
+            if self.residual_in_fp32 and residual.dtype != torch.float64:   # fp32 at least: never narrow fp64
                 residual = residual.to(torch.float32)
             return hidden_states, residual
         return sst.layer_norm_fn(hidden_states, norm.weight, norm.bias, residual=residual, prenorm=True,

@@ -351,17 +351,15 @@ def to_torch(a, like_device_idx: int | None = None):
 # ---- CPU: NumPy views and back -----------------------------------------------------------------
 
 def np_view(t):
-    """NumPy array for a CPU tensor (shared memory where the dtype allows; bf16 as float32)."""
+    """NumPy array holding a CPU tensor's values (bf16 as float32). Always a copy: ``Tensor.numpy()``
+    marks the tensor's storage as not resizable, which breaks FSDP2 (it frees the unsharded
+    parameters' storage after each forward); in-place ops copy their result back (``_write_back``)."""
     if t is None:
         return None
     t = t.detach()
     if t.dtype is torch.bfloat16:
         return t.float().numpy()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    return t.numpy()
+    return t.resolve_conj().resolve_neg().clone().numpy()
 
 
 def from_numpy(a, dtype=None):
