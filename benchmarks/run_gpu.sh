@@ -2,10 +2,11 @@
 # The one GPU job: the GPU test suite, the benchmarks and compute-sanitizer, writing logs and
 # JSON under $OUT (at most 8 files come back from the device tool).
 #
-#   bash benchmarks/run_gpu.sh [tests] [bench] [sanitize] [demo]      (default: all four)
+#   bash benchmarks/run_gpu.sh [tests] [bench] [model] [sanitize] [demo]   (default: all five)
 #
-# Files: run.log (summary), tests.log, sanitize.log, selective_scan.json, causal_conv1d.json,
-# decode.json, torch_overhead.json.
+# Files: run.log (summary), tests.log, sanitize.log, and results.tgz holding the benchmarks' JSON
+# (selective_scan, causal_conv1d, decode, torch_overhead, layer_norm, model, generation) and plots:
+# the device tool brings back at most 8 files. BENCHES=... picks the kernel benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ssmkit_gpu_out}
@@ -14,7 +15,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/ssmkit_cupy_cache}
 PY=${PY:-python3}
 JOBS=${JOBS:-12}
-steps="${*:-tests bench sanitize demo}"
+steps="${*:-tests bench model sanitize demo}"
+JSON="$OUT/json"
+mkdir -p "$JSON"
 LOG="$OUT/run.log"
 {
   echo "== $(date -u) steps: $steps"
@@ -31,12 +34,19 @@ if [[ " $steps " == *" tests "* ]]; then
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30 | tee -a "$LOG"
 fi
 if [[ " $steps " == *" bench "* ]]; then
-  for b in selective_scan causal_conv1d decode torch_overhead; do
+  for b in ${BENCHES:-selective_scan causal_conv1d decode torch_overhead layer_norm}; do
+    [[ -f "benchmarks/bench_$b.py" ]] || continue
     echo "== bench_$b" | tee -a "$LOG"
     t0=$SECONDS
-    timeout ${BENCH_TIMEOUT:-170} $PY "benchmarks/bench_$b.py" --out "$OUT" >> "$LOG" 2>&1
+    timeout ${BENCH_TIMEOUT:-170} $PY "benchmarks/bench_$b.py" --out "$JSON" >> "$LOG" 2>&1
     echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
   done
+fi
+if [[ " $steps " == *" model "* ]]; then
+  echo "== bench_model ${MODEL_ARGS:-}" | tee -a "$LOG"
+  t0=$SECONDS
+  timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$JSON" ${MODEL_ARGS:-} 2>&1 | tee -a "$LOG" | tail -20
+  echo "rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$LOG"
 fi
 if [[ " $steps " == *" sanitize "* ]]; then
   SAN="$OUT/sanitize.log"
@@ -60,4 +70,5 @@ if [[ " $steps " == *" demo "* ]]; then
     echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"
   done
 fi
+if compgen -G "$JSON/*" > /dev/null; then tar -czf "$OUT/results.tgz" -C "$JSON" . && rm -rf "$JSON"; fi
 echo "== done $(date -u)" | tee -a "$LOG"

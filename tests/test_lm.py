@@ -196,10 +196,13 @@ def test_gpu_fused_and_composed_paths_agree():
 
 
 @pytest.mark.gpu
-def test_gpu_autocast_bf16_training_step():
+@pytest.mark.parametrize("fast", [True, False])
+def test_gpu_autocast_bf16_training_step(fast):
     """Under torch.autocast(bf16) with fp32 parameters (upstream's training setup) the gradients
     follow the fp32 model's within bf16 tolerance, and they land in fp32."""
     m = tiny(d_model=64, dtype=torch.float32, device="cuda")
+    for layer in m.backbone.layers:
+        layer.mixer.use_fast_path = fast
     ref = copy.deepcopy(m)
     x = ids(B=2, L=256).cuda()
 
