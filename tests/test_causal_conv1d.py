@@ -147,6 +147,31 @@ def test_update_state_dtype_rules():
         ssmkit.causal_conv1d_update(x16, p["conv_state"], w16)
 
 
+def test_update_weight_dtypes_as_upstream():
+    """Upstream's decode update takes any fp16 / bf16 / fp32 weight (bias in its dtype) with any
+    of those x (all nine pairs compiled there); the NumPy path is the reference of those values."""
+    from gpu_util import as64, rounded
+
+    pytest.importorskip("ml_dtypes")
+    p = _update_problem()
+    for xd, wd in [("float32", "bfloat16"), ("float32", "float16"), ("float16", "bfloat16"), ("bfloat16", "float16")]:
+        x, w, b = rounded(p["x"], xd), rounded(p["weight"], wd), rounded(p["bias"], wd)
+        state = rounded(p["conv_state"], xd)
+        want_state = as64(state)
+        want = ref_update(as64(x), want_state, as64(w), as64(b), activation="silu")
+        got = ssmkit.causal_conv1d_update(x, state, w, b, activation="silu")
+        assert got.dtype == x.dtype and state.dtype == x.dtype
+        np.testing.assert_array_equal(as64(got), as64(want.astype(x.dtype)))
+        np.testing.assert_array_equal(as64(state), want_state)
+        assert op.kernel_ref("update", xd, wd, sdtype=xd) in op.variants(kind="update")
+    with pytest.raises(TypeError, match=r"argument 'bias' must have dtype in \('bfloat16',\), got float32"):
+        ssmkit.causal_conv1d_update(rounded(p["x"], "float32"), rounded(p["conv_state"], "float32"),
+                                    rounded(p["weight"], "bfloat16"), rounded(p["bias"], "float32"))
+    with pytest.raises(TypeError, match=r"argument 'weight' must have dtype in \('float32', 'float16', 'bfloat16'\), "
+                                        r"got float64"):
+        ssmkit.causal_conv1d_update(rounded(p["x"], "float32"), rounded(p["conv_state"], "float32"), p["weight"])
+
+
 # ============================================================================ CPU: NumPy path
 
 @settings(max_examples=40, deadline=None)
@@ -220,8 +245,8 @@ def test_kernel_refs_and_variants():
         "ssm::causal_conv1d_update<ssm::f16, float, ssm::f16>"
     assert op.kernel_ref("bwd_reduce", "bfloat16").name == "ssm::causal_conv1d_bwd_reduce<ssm::bf16>"
     refs = op.variants()
-    # 6 (x, weight) dtype pairs x 4 kernels x 7 widths x seq on/off, 10 update, 4 reduce
-    assert len(refs) == 6 * 4 * 7 * 2 + 10 + 4 == len(set(refs))
+    # 6 (x, weight) dtype pairs x 4 kernels x 7 widths x seq on/off, 16 update, 4 reduce
+    assert len(refs) == 6 * 4 * 7 * 2 + 16 + 4 == len(set(refs))
     assert all(r.file == "causal_conv1d.cu" for r in refs)
     assert len(op.variants(dtype="bfloat16", width=4, kind="fwd_cf")) == 4
     cf = [r.name for r in op.variants(kind="fwd_cf")]
@@ -805,7 +830,10 @@ def test_gpu_plan_reuse_refreshes_pointers():
 
 UPDATE_DTYPES = [("float32", "float32", "float32"), ("bfloat16", "float32", "float32"),
                  ("bfloat16", "bfloat16", "bfloat16"), ("float16", "float32", "float16"),
-                 ("bfloat16", "bfloat16", "float32"), ("float64", "float64", "float64")]
+                 ("bfloat16", "bfloat16", "float32"), ("float64", "float64", "float64"),
+                 # (x, state, weight) pairings upstream also accepts
+                 ("float32", "float32", "bfloat16"), ("float32", "float32", "float16"),
+                 ("float16", "float16", "bfloat16"), ("bfloat16", "float32", "float16")]
 
 
 def _check_update(p, xd, sd, wd, poison_out=True, state_view=False):

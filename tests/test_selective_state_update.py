@@ -183,6 +183,238 @@ def test_plan_needs_gpu_arrays():
         ssmkit.SelectiveStateUpdatePlan(**_bad(1))
 
 
+# ---- CPU: dtype combinations (issue 13) -----------------------------------------------------
+# Upstream's Triton kernel loads every argument in its own dtype and computes in fp32; ssmkit
+# reads each in its own dtype where the kernel can (state, x/dt/z/out, B/C as x's or fp32, D and
+# dt_bias independently), widens exactly what it cannot, and refuses anything it would narrow.
+
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+_RANK = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+
+
+def _exact(src, dst):
+    """Every ``src`` value is a ``dst`` value (the rule, stated independently of the code)."""
+    return src == dst or _RANK[src] < _RANK[dst]
+
+
+def _expected_rules(d):
+    """(refused argument, None) or (None, (bc, D, dt_bias, widen)) for per-argument dtypes ``d``
+    (None: absent), in validate's order of checks."""
+    x = d["x"]
+    comp = "float64" if x == "float64" else "float32"
+    if (d["state"] == "float64") != (x == "float64"):
+        return "state", None
+    for name in ("dt", "z"):
+        if d.get(name) is not None and not _exact(d[name], x):
+            return name, None
+    for name in ("B", "C", "A", "D", "dt_bias"):
+        if d.get(name) is not None and not _exact(d[name], comp):
+            return name, None
+    bc = x if d["B"] == d["C"] == x else comp
+    target = {"dt": x, "z": x, "B": bc, "C": bc, "A": comp}
+    widen = tuple(sorted((ARGS.index(k), t) for k, t in target.items() if d.get(k) is not None and d[k] != t))
+    return None, (bc, d.get("D"), d.get("dt_bias"), widen)
+
+
+def _typed(args, dtypes):
+    """A float64 problem with each argument rounded to its dtype (NumPy; bf16 via ml_dtypes)."""
+    from gpu_util import rounded
+
+    out = dict(args)
+    for k, t in dtypes.items():
+        if t is None:
+            out[k] = None
+        elif out.get(k) is not None:
+            out[k] = rounded(out[k], t)
+    return out
+
+
+@st.composite
+def dtype_combos(draw):
+    """Per-argument dtypes over all of FLOATS, drawn towards the accepted ones (x's dtype for
+    dt, z, B, C; the compute type for A, D, dt_bias) so that accepted, widened and refused
+    combinations all come up often."""
+    x = draw(st.sampled_from(FLOATS))
+    comp = "float64" if x == "float64" else "float32"
+    pick = lambda likely, opt=False: draw(st.sampled_from(  # noqa: E731
+        (likely,) * 3 + FLOATS + ((None, None) if opt else ())))
+    return dict(state=pick(comp), x=x, dt=pick(x), z=pick(x, True), A=pick(comp), B=pick(x), C=pick(x),
+                D=pick(x if x != "float32" else comp, True), dt_bias=pick(comp, True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(d=dtype_combos(), mamba2=st.booleans(), seed=st.integers(0, 2**16))
+def test_dtype_rules_property(d, mamba2, seed):
+    """Every dtype combination: refused with the first offending argument named (its dtype and
+    the accepted ones), or accepted with exact widenings only, a compiled variant, and (NumPy
+    path) the float64 reference of the values as rounded to their own dtypes."""
+    pytest.importorskip("ml_dtypes")
+    from gpu_util import as64
+
+    state, x = d["state"], d["x"]
+    base = (_mamba2(batch=2, heads=2, headdim=3, groups=1, dstate=5, seed=seed) if mamba2
+            else _mamba1(batch=2, dim=5, dstate=4, seed=seed))
+    args = _typed(base, d)
+    bad, rules = _expected_rules(d)
+    if bad is not None:
+        msg = rf"argument '{bad}' must have dtype in \(.*\), got {d[bad]}"
+        with pytest.raises(TypeError, match=msg):
+            ssmkit.selective_state_update(**args)
+        return
+    bc, D_t, bias_t, widen = rules
+    got_rules = op.dtype_rules(**{k: args[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")})
+    assert (got_rules.bc, got_rules.D, got_rules.dt_bias, got_rules.widen) == (bc, D_t, bias_t, widen)
+    for i, t in widen:  # only exact widenings, never D/dt_bias/state/x
+        assert ARGS[i] in ("dt", "z", "A", "B", "C") and _exact(d[ARGS[i]], t) and d[ARGS[i]] != t
+    assert op.kernel_ref(state, x, False, bc) in op.variants()
+    assert op.kernel_ref(state, x, True, bc) in op.variants()
+    # NumPy path: the float64 reference on float64 copies of the typed values, rounded once.
+    want_state = {k: (as64(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    want = ref_ssu(**want_state)
+    state_arr = args["state"]
+    got = ssmkit.selective_state_update(**args)
+    assert got.dtype == args["x"].dtype and state_arr.dtype == np.dtype(args["state"].dtype)
+    np.testing.assert_array_equal(as64(got), as64(want.astype(args["x"].dtype)))
+    np.testing.assert_array_equal(as64(state_arr), as64(want_state["state"].astype(state_arr.dtype)))
+
+
+# The combinations real models produce (all read natively, no copy): name -> per-argument dtypes.
+MODEL_COMBOS = {
+    # mamba_ssm Mamba.step() on a bf16 model: A = -exp(A_log.float()), D and dt_proj.bias bf16
+    "upstream_mamba1_bf16": dict(state="bfloat16", x="bfloat16", dt="bfloat16", z="bfloat16", B="bfloat16",
+                                 C="bfloat16", A="float32", D="bfloat16", dt_bias="bfloat16"),
+    # transformers' MambaMixer: D in the model dtype, dt_proj.bias.float()
+    "transformers_mamba_bf16": dict(state="bfloat16", x="bfloat16", dt="bfloat16", z="bfloat16", B="bfloat16",
+                                    C="bfloat16", A="float32", D="bfloat16", dt_bias="float32"),
+    # an fp32 SSM state (ssm_dtype / autocast) under 16-bit activations and weights
+    "fp32_state_bf16_inputs": dict(state="float32", x="bfloat16", dt="bfloat16", z="bfloat16", B="bfloat16",
+                                   C="bfloat16", A="float32", D="bfloat16", dt_bias="bfloat16"),
+    "fp32_state_fp16_inputs_fp32_weights": dict(state="float32", x="float16", dt="float16", z="float16",
+                                                B="float16", C="float16", A="float32", D="float32",
+                                                dt_bias="float32"),
+}
+
+
+@pytest.mark.parametrize("combo", sorted(MODEL_COMBOS))
+@pytest.mark.parametrize("mamba2", [False, True])
+def test_model_combos_read_natively(combo, mamba2):
+    pytest.importorskip("ml_dtypes")
+    from gpu_util import as64
+
+    d = MODEL_COMBOS[combo]
+    base = (_mamba2(batch=2, heads=2, headdim=3, groups=1, dstate=4, seed=1) if mamba2
+            else _mamba1(batch=2, dim=5, dstate=4, seed=1))
+    args = _typed(base, d)
+    spec = op.validate(*(args[k] for k in ARGS[:9]), dt_softplus=True)
+    assert spec.widen == () and spec.bc_dtype == d["x"]
+    assert (spec.D_dtype, spec.bias_dtype) == (d["D"], d["dt_bias"])
+    want = ref_ssu(**{k: (as64(v) if isinstance(v, np.ndarray) else v) for k, v in args.items()})
+    got = ssmkit.selective_state_update(**args)
+    assert got.dtype == args["x"].dtype
+    np.testing.assert_array_equal(as64(got), as64(want.astype(got.dtype)))
+
+
+# Refused: reading these would round a value (messages name the argument, its dtype, the options).
+REFUSED = [
+    (dict(x="bfloat16", dt="float32"), r"argument 'dt' must have dtype in \('bfloat16',\) \(x is bfloat16: x, dt, z "
+                                       r"and out share one dtype; a narrower float is widened, a wider one never "
+                                       r"narrowed\), got float32"),
+    (dict(x="bfloat16", dt="float16"), r"argument 'dt' must have dtype in \('bfloat16',\) .*got float16"),
+    (dict(x="float16", z="bfloat16"), r"argument 'z' must have dtype in \('float16',\) .*got bfloat16"),
+    (dict(x="float32", z="float64"), r"argument 'z' must have dtype in \('float16', 'bfloat16', 'float32'\) .*got float64"),
+    (dict(x="bfloat16", A="float64"), r"argument 'A' must have dtype in \('float16', 'bfloat16', 'float32'\) "
+                                      r"\(with bfloat16 x\), got float64"),
+    (dict(x="bfloat16", B="float64"), r"argument 'B' must have dtype in \('float16', 'bfloat16', 'float32'\) "
+                                      r"\(with bfloat16 x\), got float64"),
+    (dict(x="float16", D="float64"), r"argument 'D' must have dtype in .* \(with float16 x\), got float64"),
+    (dict(x="float16", dt_bias="float64"), r"argument 'dt_bias' must have dtype in .* \(with float16 x\), got float64"),
+    (dict(x="bfloat16", state="float64"), r"argument 'state' must have dtype in \('float32', 'float16', 'bfloat16'\) "
+                                          r"\(with bfloat16 x; the state is updated in place, never converted\), "
+                                          r"got float64"),
+    (dict(x="float64", state="float32"), r"argument 'state' must have dtype in \('float64',\) .*got float32"),
+]
+
+
+def _refused_args(over, mamba2=False):
+    d = dict(MODEL_COMBOS["upstream_mamba1_bf16"])
+    d.update(over)
+    if d["x"] == "float64" and "state" not in over:
+        d["state"] = "float64"
+    for k in ("dt", "z", "B", "C"):
+        if k not in over:
+            d[k] = d["x"]
+    base = (_mamba2(batch=2, heads=2, headdim=3, groups=1, dstate=4, seed=2) if mamba2
+            else _mamba1(batch=2, dim=5, dstate=4, seed=2))
+    return _typed(base, d)
+
+
+@pytest.mark.parametrize("over, match", REFUSED, ids=["-".join(f"{k}_{v}" for k, v in o.items()) for o, _ in REFUSED])
+def test_refused_combos(over, match):
+    pytest.importorskip("ml_dtypes")
+    for mamba2 in (False, True):
+        args = _refused_args(over, mamba2)
+        with pytest.raises(TypeError, match=match):
+            ssmkit.selective_state_update(**args)
+        with pytest.raises(TypeError, match=match):
+            op.validate(*(args[k] for k in ARGS[:9]), dt_softplus=True)
+
+
+# ---- CPU: torch adapter (bf16 travels to NumPy as float32; validation sees the true dtypes) -----
+
+def _torch_args(d, mamba2, seed=3):
+    torch = pytest.importorskip("torch")
+    base = (_mamba2(batch=2, heads=2, headdim=3, groups=1, dstate=4, seed=seed) if mamba2
+            else _mamba1(batch=2, dim=5, dstate=4, seed=seed))
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+    out = {}
+    for k, v in base.items():
+        if isinstance(v, np.ndarray):
+            out[k] = torch.from_numpy(v).to(tdt[d[k]]) if d.get(k) is not None else None
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("combo", sorted(MODEL_COMBOS))
+@pytest.mark.parametrize("mamba2", [False, True])
+def test_torch_cpu_model_combos(combo, mamba2):
+    """ssmkit.torch.selective_state_update on CPU tensors in the model dtypes: out in x's dtype,
+    the state updated in place in its dtype, both matching the float64 reference of the values."""
+    torch = pytest.importorskip("torch")
+    import ssmkit.torch as sst
+
+    d = MODEL_COMBOS[combo]
+    t = _torch_args(d, mamba2)
+    ref_state = t["state"].double().numpy().copy()
+    want = ref_ssu(ref_state, *(None if t[k] is None else t[k].double().numpy()
+                                for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")), dt_softplus=True)
+    state = t["state"]
+    ptr = state.data_ptr()
+    out = sst.selective_state_update(state, t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+                                     dt_bias=t["dt_bias"], dt_softplus=True)
+    assert out.dtype == t["x"].dtype and state.dtype == t["state"].dtype and state.data_ptr() == ptr
+    assert_close("out", out.double().numpy(), want, d["x"])
+    assert_close("state", state.double().numpy(), ref_state, d["state"])
+
+
+@pytest.mark.parametrize("over, match", REFUSED[:3] + REFUSED[8:9],
+                         ids=["dt_fp32_x_bf16", "dt_fp16_x_bf16", "z_bf16_x_fp16", "state_fp64_x_bf16"])
+def test_torch_cpu_refused_combos(over, match):
+    """Refusals see the true dtypes of bf16 tensors, although bf16 reaches NumPy as float32."""
+    pytest.importorskip("torch")
+    import ssmkit.torch as sst
+
+    d = dict(MODEL_COMBOS["upstream_mamba1_bf16"])
+    d.update(over)
+    for k in ("dt", "z", "B", "C"):
+        if k not in over:
+            d[k] = d["x"]
+    t = _torch_args(d, False)
+    with pytest.raises(TypeError, match=match):
+        sst.selective_state_update(t["state"], t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+                                   dt_bias=t["dt_bias"], dt_softplus=True)
+
+
 # ---- CPU: kernel choice, params layout, launch geometry -----------------------------------------
 
 def test_kernel_choice_is_one_function():
@@ -404,16 +636,20 @@ def _weight(in_dtype):
     return "float64" if in_dtype == "float64" else "float32"
 
 
-def _rounded_args(args, state_dtype, in_dtype, idx64=False):
-    """Host copies of a float64 problem in the kernel's dtypes."""
+def _rounded_args(args, state_dtype, in_dtype, idx64=False, dtypes=None):
+    """Host copies of a float64 problem in the kernel's dtypes: state in ``state_dtype``, A, D,
+    dt_bias in the compute type, the rest in ``in_dtype``; ``dtypes`` overrides per argument."""
     from gpu_util import rounded
 
+    dtypes = dtypes or {}
     out = {}
     for k, v in args.items():
         if not isinstance(v, np.ndarray):
             out[k] = v
         elif k == "state_batch_indices":
             out[k] = v.astype(np.int64 if idx64 else np.int32)
+        elif k in dtypes:
+            out[k] = rounded(v, dtypes[k])
         elif k == "state":
             out[k] = rounded(v, state_dtype)
         elif k in ("A", "D", "dt_bias"):
@@ -423,12 +659,12 @@ def _rounded_args(args, state_dtype, in_dtype, idx64=False):
     return out
 
 
-def _to_gpu(args, state_dtype, in_dtype, idx64=False):
-    """Device copies of a float64 problem in the kernel's dtypes, and float64 host copies of
-    exactly what the device holds (for the reference)."""
+def _to_gpu(args, state_dtype, in_dtype, idx64=False, dtypes=None):
+    """Device copies of a float64 problem in the kernel's dtypes (``dtypes``: per-argument
+    overrides), and float64 host copies of exactly what the device holds (for the reference)."""
     from gpu_util import as64, to_device
 
-    r = _rounded_args(args, state_dtype, in_dtype, idx64)
+    r = _rounded_args(args, state_dtype, in_dtype, idx64, dtypes)
     dev = {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in r.items()}
     host = {k: (as64(v) if isinstance(v, np.ndarray) and k != "state_batch_indices" else v) for k, v in r.items()}
     return dev, host
@@ -747,24 +983,31 @@ def test_gpu_plan_rebind_and_checks():
         plan(state_batch_indices=cupy.zeros(2, cupy.int32))
 
 
-def _graph_layer_host(mamba2, seed):
+def _graph_layer_host(mamba2, seed, combo=None):
+    """One layer's host arrays: fp32 state with bf16 inputs, or a MODEL_COMBOS entry's dtypes."""
     a = (_mamba2(batch=4, heads=4, headdim=16, groups=2, dstate=32, seed=seed) if mamba2
          else _mamba1(batch=4, dim=96, dstate=16, seed=seed))
-    r = _rounded_args(a, "float32", "bfloat16")
+    if combo is None:
+        r = _rounded_args(a, "float32", "bfloat16")
+    else:
+        d = MODEL_COMBOS[combo]
+        r = _rounded_args(a, d["state"], d["x"], dtypes=d)
     r["out"] = np.zeros(r["x"].shape, r["x"].dtype)
     return r
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("combo", [None, "upstream_mamba1_bf16", "transformers_mamba_bf16"])
 @pytest.mark.parametrize("mamba2", [False, True])
-def test_gpu_cuda_graph_replay_equals_eager(mamba2):
+def test_gpu_cuda_graph_replay_equals_eager(mamba2, combo):
     """Many layers' decode steps captured once in a CUDA graph (the documented recipe), replayed
-    for two tokens with new inputs copied into the static buffers: bitwise equal to eager calls."""
+    for two tokens with new inputs copied into the static buffers: bitwise equal to eager calls.
+    Also in the dtypes real models pass (bf16 state and D with fp32 A; fp32 dt_bias)."""
     import cupy
     from gpu_util import to_device
 
     L = 6
-    hosts = [_graph_layer_host(mamba2, 20 + l) for l in range(L)]
+    hosts = [_graph_layer_host(mamba2, 20 + l, combo) for l in range(L)]
     upload = lambda h: {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in h.items()}  # noqa: E731
     static = [upload(h) for h in hosts]
     eager = [upload(h) for h in hosts]
@@ -777,7 +1020,7 @@ def test_gpu_cuda_graph_replay_equals_eager(mamba2):
         graph = stream.end_capture()
     for token in range(2):
         for d, e, l in zip(static, eager, range(L)):
-            fresh = _graph_layer_host(mamba2, 100 + 10 * token + l)
+            fresh = _graph_layer_host(mamba2, 100 + 10 * token + l, combo)
             for k in ("x", "dt", "z", "B", "C"):
                 d[k].set(fresh[k])
                 e[k].set(fresh[k])
@@ -791,6 +1034,159 @@ def test_gpu_cuda_graph_replay_equals_eager(mamba2):
             np.testing.assert_array_equal(_bits(d["state"]), _bits(e["state"]))
             np.testing.assert_array_equal(_bits(d["out"]), _bits(e["out"]))
         assert not np.isnan(np.asarray(cupy.asnumpy(static[0]["out"]), np.float32)).any()
+
+
+# ---- GPU: dtype combinations (issue 13) -----------------------------------------------------
+
+# Every (state, x, B/C) template combination the kernel reads natively (15).
+DTYPE_MATRIX = [(s_, x_, bc) for x_ in ("float16", "bfloat16", "float32")
+                for s_ in ("float32", "float16", "bfloat16") for bc in op.BC_DTYPES[x_]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype, in_dtype, bc_dtype", DTYPE_MATRIX,
+                         ids=[f"state_{a}-x_{b}-bc_{c}" for a, b, c in DTYPE_MATRIX])
+def test_gpu_dtype_matrix(state_dtype, in_dtype, bc_dtype):
+    """state x input x B/C dtype x D dtype x dt_bias dtype (each fp32, fp16, bf16) x Mamba-1 /
+    Mamba-2 / Mamba-2 tied (vector and scalar state paths), all read without a copy, against
+    the float64 reference of the values as rounded to their own dtypes."""
+    chan = ("float32", "float16", "bfloat16")
+    for i, (D_t, bias_t) in enumerate(itertools.product(chan, chan)):
+        for kind in ("m1", "m2", "m2tie"):
+            seed = 40 + 3 * i + ("m1", "m2", "m2tie").index(kind)
+            args = (_mamba1(batch=3, dim=37, dstate=16, seed=seed) if kind == "m1"
+                    else _mamba2(batch=3, heads=4, headdim=6, groups=2, dstate=32 if kind == "m2" else 20, seed=seed))
+            dts = dict(B=bc_dtype, C=bc_dtype, D=D_t, dt_bias=bias_t)
+            dev, host = _to_gpu(args, state_dtype, in_dtype, dtypes=dts)
+            if kind == "m2tie":
+                _expand_along_p(dev, host)
+            spec = op.validate(*(dev[k] for k in ARGS[:9]), dt_softplus=True)
+            assert spec.widen == () and spec.bc_dtype == bc_dtype and (spec.D_dtype, spec.bias_dtype) == (D_t, bias_t)
+            _check(dev, host, state_dtype, in_dtype, out=_nan_out(dev["x"].shape, in_dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("combo", sorted(MODEL_COMBOS))
+@pytest.mark.parametrize("mamba2", [False, True])
+def test_gpu_model_combos_steps(combo, mamba2):
+    """The dtypes real models pass, e.g. upstream's Mamba-1 step (state, x, dt, z, B, C, D,
+    dt_bias bf16; A fp32; dt_softplus), over three consecutive steps at a model's width
+    (Mamba-1 D = 1536; Mamba-2 as upstream passes it: A, dt, D, dt_bias expanded along P)."""
+    import cupy
+    from gpu_util import as64, rounded, sync_check, to_device
+
+    d = MODEL_COMBOS[combo]
+    rng = np.random.default_rng(7)
+    base = (_mamba2(batch=4, heads=24, headdim=64, groups=1, dstate=128, seed=8) if mamba2
+            else _mamba1(batch=4, dim=1536, dstate=16, seed=8))
+    if mamba2:  # per-head A, dt_bias, D, as Mamba-2 keeps them
+        for k in ("A", "dt_bias", "D"):
+            base[k] = np.ascontiguousarray(np.broadcast_to(base[k][:, :1], base[k].shape))
+        base["dt"] = np.ascontiguousarray(np.broadcast_to(base["dt"][:, :, :1], base["dt"].shape))
+    r = _rounded_args(base, d["state"], d["x"], dtypes=d)
+    state = to_device(r["state"])
+    host_state = r["state"].copy()            # the reference updates it in its own dtype, as the kernel
+    weights = {k: to_device(r[k]) for k in ("A", "D", "dt_bias")}
+    hweights = {k: as64(r[k]) for k in ("A", "D", "dt_bias")}
+    if mamba2:
+        H, P, N = r["A"].shape
+        weights["A"] = cupy.broadcast_to(weights["A"][:, :1, :], (H, P, N))
+        weights["D"] = cupy.broadcast_to(weights["D"][:, :1], (H, P))
+        weights["dt_bias"] = cupy.broadcast_to(weights["dt_bias"][:, :1], (H, P))
+    for step in range(3):
+        act = {k: rounded(rng.standard_normal(base[k].shape) if k != "dt" else
+                          rng.uniform(-2, 0.5, base[k].shape), d[k]) for k in ("x", "dt", "z", "B", "C")}
+        if mamba2:
+            act["dt"] = np.ascontiguousarray(np.broadcast_to(act["dt"][:, :, :1], act["dt"].shape))
+        dev = {k: to_device(v) for k, v in act.items()}
+        if mamba2:
+            dev["dt"] = cupy.broadcast_to(dev["dt"][:, :, :1], dev["dt"].shape)
+        got = ssmkit.selective_state_update(state, dev["x"], dev["dt"], weights["A"], dev["B"], dev["C"],
+                                            D=weights["D"], z=dev["z"], dt_bias=weights["dt_bias"], dt_softplus=True)
+        sync_check()
+        want = ref_ssu(host_state, as64(act["x"]), as64(act["dt"]), hweights["A"], as64(act["B"]), as64(act["C"]),
+                       D=hweights["D"], z=as64(act["z"]), dt_bias=hweights["dt_bias"], dt_softplus=True)
+        assert got.dtype == dev["x"].dtype
+        assert_close(f"out step {step}", got, want, d["x"])
+        assert_close(f"state step {step}", state, as64(host_state), d["state"])
+    if mamba2:
+        assert any(p.tie for p in op._CACHE.values())
+
+
+# Combinations served by exact host-side widening (one copy per widened argument per call).
+WIDENED = [
+    ("A_bf16_m1", False, False, "float32", "bfloat16", dict(A="bfloat16")),
+    ("A_fp16_m2_tied", True, True, "bfloat16", "float16", dict(A="float16")),
+    ("dt_fp16_z_bf16_x_fp32", False, False, "float32", "float32", dict(dt="float16", z="bfloat16")),
+    ("dt_bf16_x_fp32_m2_tied", True, True, "float16", "float32", dict(dt="bfloat16", D="bfloat16")),
+    ("B_bf16_C_fp16_x_bf16", True, False, "bfloat16", "bfloat16", dict(B="bfloat16", C="float16")),
+    ("BC_bf16_x_fp32", True, False, "float32", "float32", dict(B="bfloat16", C="bfloat16")),
+    ("BC_fp16_x_bf16", False, False, "bfloat16", "bfloat16", dict(B="float16", C="float16", D="float16")),
+    ("x_fp64_narrower_rest", False, False, "float64", "float64",
+     dict(dt="float32", z="float16", A="float32", B="float32", C="bfloat16", D="float32", dt_bias="float16")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, mamba2, tie, state_dtype, in_dtype, over", WIDENED, ids=[w[0] for w in WIDENED])
+def test_gpu_widened_arguments(name, mamba2, tie, state_dtype, in_dtype, over):
+    """Arguments the kernel does not read in their own dtype are widened exactly on the host:
+    first call (prepares) and second call (cached layout, fresh copies) both match the reference;
+    a widened expanded A keeps the tied fast path."""
+    op._CACHE.clear()
+    for call in range(2):
+        args = (_mamba2(batch=3, heads=4, headdim=6, groups=2, dstate=32, seed=60 + call) if mamba2
+                else _mamba1(batch=3, dim=37, dstate=16, seed=60 + call))
+        dev, host = _to_gpu(args, state_dtype, in_dtype, dtypes=over)
+        if tie:
+            _expand_along_p(dev, host)
+        spec = op.validate(*(dev[k] for k in ARGS[:9]), dt_softplus=True)
+        assert spec.widen and {ARGS[i] for i, _ in spec.widen} <= set(over)
+        _check(dev, host, state_dtype, in_dtype, out=_nan_out(dev["x"].shape, in_dtype))
+    assert len(op._CACHE) == 1
+    (prep,) = op._CACHE.values()
+    assert prep.widen == spec.widen and prep.tie == tie
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_bc_layouts():
+    """fp32 B/C with 16-bit x and state (32-byte B/C chunks per 16-byte state chunk): strided,
+    reversed and misaligned B/C views against the reference."""
+    from gpu_util import as64, to_device
+
+    for how in ("every_other", "reversed", "offset1", "n_major"):
+        args = _mamba2(batch=3, heads=4, headdim=5, groups=2, dstate=64, seed=70)
+        r = _rounded_args(args, "bfloat16", "bfloat16", dtypes=dict(B="float32", C="float32", D="bfloat16"))
+        dev = {k: (to_device(v) if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+        host = {k: (as64(v) if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+        for k in ("B", "C"):
+            buf, view = _relayout(r[k], how)
+            dev[k] = view(to_device(buf))
+        _check(dev, host, "bfloat16", "bfloat16", out=_nan_out(dev["x"].shape, "bfloat16"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("combo", ["upstream_mamba1_bf16", "transformers_mamba_bf16", "fp32_state_bf16_inputs"])
+def test_gpu_torch_model_combos(combo):
+    """Through ssmkit.torch on CUDA tensors, as the model layer calls it."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    import ssmkit.torch as sst
+
+    d = MODEL_COMBOS[combo]
+    t = {k: (None if v is None or not hasattr(v, "cuda") else v.cuda()) if k != "dt_softplus" else v
+         for k, v in _torch_args(d, False, seed=9).items()}
+    ref_state = t["state"].double().cpu().numpy()
+    want = ref_ssu(ref_state, *(t[k].double().cpu().numpy() for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")),
+                   dt_softplus=True)
+    state = t["state"]
+    out = sst.selective_state_update(state, t["x"], t["dt"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+                                     dt_bias=t["dt_bias"], dt_softplus=True)
+    torch.cuda.synchronize()
+    assert out.dtype == t["x"].dtype and state.dtype == t["state"].dtype
+    assert_close("out", out.double().cpu().numpy(), want, d["x"])
+    assert_close("state", state.double().cpu().numpy(), ref_state, d["state"])
 
 
 # ---- CPU: the CuPy host path on fake device arrays (no GPU: pointers only, kernel recorded) ----
@@ -894,3 +1290,83 @@ def test_host_path_plan_rebind(fake_device):
     with pytest.raises(TypeError, match="must be a cupy.ndarray"):
         plan(x=np.zeros(args["x"].shape, np.float16))
     assert plan.kernel == op.kernel_ref("float32", "float16", False)
+
+
+def _recording_kernels(monkeypatch):
+    """Record the KernelRefs the host path asks for (on top of fake_device's stub kernels)."""
+    refs = []
+    stub = op.get_kernel
+    monkeypatch.setattr(op, "get_kernel", lambda ref: (refs.append(ref), stub(ref))[1])
+    return refs
+
+
+def test_host_path_mixed_dtypes_read_natively(fake_device, monkeypatch):
+    """Upstream's Mamba-1 step (bf16 state/x/dt/z/B/C/D/dt_bias, fp32 A) and transformers' (fp32
+    dt_bias): no copies, D/dt_bias types travel as codes; fp32 B/C with bf16 x picks TBC = fp32."""
+    from gpu_util import np_dtype
+
+    make, launches = fake_device
+    refs = _recording_kernels(monkeypatch)
+    bf16 = np_dtype("bfloat16")
+    for mamba2 in (False, True):
+        args = _fake_args(make, mamba2=mamba2, dtype=bf16)
+        args["state"] = make(args["state"].shape, bf16)
+        args["D"] = make(args["D"].shape, bf16)
+        args["dt_bias"] = make(args["dt_bias"].shape, bf16)
+        ssmkit.selective_state_update(**args)
+        prm = _decode(launches[-1][2])
+        assert (prm["D_type"], prm["bias_type"]) == (op.SCALAR_CODE["bfloat16"],) * 2
+        assert refs[-1] == op.kernel_ref("bfloat16", "bfloat16", False, "bfloat16")
+        assert int(prm["D"]) == args["D"].data.ptr and int(prm["A"]) == args["A"].data.ptr
+        hf = dict(args, dt_bias=make(args["dt_bias"].shape, np.float32))
+        plan = ssmkit.SelectiveStateUpdatePlan(**hf)
+        plan()
+        prm = _decode(launches[-1][2])
+        assert (prm["D_type"], prm["bias_type"]) == (op.SCALAR_CODE["bfloat16"], op.SCALAR_CODE["float32"])
+        assert plan.kernel == op.kernel_ref("bfloat16", "bfloat16", False)
+        fp32_bc = dict(args, B=make(args["B"].shape, np.float32), C=make(args["C"].shape, np.float32),
+                       state=make(args["state"].shape, np.float32))
+        ssmkit.selective_state_update(**fp32_bc)
+        prm = _decode(launches[-1][2])
+        assert refs[-1] == op.kernel_ref("float32", "bfloat16", False, "float32")
+        assert prm["vec_B"] == prm["vec_C"] == 1 and int(prm["B"]) == fp32_bc["B"].data.ptr
+
+
+def test_host_path_widening_and_cache(fake_device, monkeypatch):
+    """A call that needs a widening copy (16-bit A) launches on a fresh copy every call, keeps one
+    cache entry, and falls back to its own launch when a copy's address breaks the vector flags."""
+    make, launches = fake_device
+    refs = _recording_kernels(monkeypatch)
+    made, offset = [], [0]
+
+    def fake_widen(arr, dtype):
+        a = make(arr.shape, dtype, offset_bytes=offset[0])
+        made.append(a)
+        return a
+
+    monkeypatch.setattr(op, "_widen", fake_widen)
+    args = _fake_args(make)                       # fp16 x, fp32 state
+    args["A"] = make(args["A"].shape, np.float16)
+    ssmkit.selective_state_update(**args)
+    assert len(made) == 1 and made[0].dtype == np.float32 and len(op._CACHE) == 1
+    (prep,) = op._CACHE.values()
+    assert prep.widen == ((op.ARG_NAMES.index("A"), "float32"),)
+    prm = _decode(launches[-1][2])
+    assert int(prm["A"]) == made[0].data.ptr != args["A"].data.ptr and prm["vec_A"] == 1
+    assert int(prm["B"]) == args["B"].data.ptr
+    assert refs[-1] == op.kernel_ref("float32", "float16", False)
+    ssmkit.selective_state_update(**args)         # cache hit: a new copy, same prepared launch
+    assert len(made) == 2 and len(op._CACHE) == 1 and len(refs) == 1
+    prm2 = _decode(launches[-1][2])
+    assert int(prm2["A"]) == made[1].data.ptr != made[0].data.ptr
+    offset[0] = 4                                 # a copy 4 bytes off 16-byte alignment
+    ssmkit.selective_state_update(**args)
+    prm3 = _decode(launches[-1][2])
+    assert int(prm3["A"]) == made[2].data.ptr and prm3["vec_A"] == 0 and prm3["vec_state"] == 1
+    assert len(op._CACHE) == 1 and next(iter(op._CACHE.values())) is prep
+    with pytest.raises(TypeError, match=r"SelectiveStateUpdatePlan does not convert arguments: 'A' is float16 but "
+                                        r"the kernel reads it as float32"):
+        ssmkit.SelectiveStateUpdatePlan(**args)
+    dt32 = dict(_fake_args(make, dtype=np.float32), dt=make((3, 40), np.float16))
+    with pytest.raises(TypeError, match=r"'dt' is float16 but the kernel reads it as float32"):
+        ssmkit.SelectiveStateUpdatePlan(**dt32)

@@ -10,7 +10,8 @@ xx is x extended to negative time with ``initial_states`` (zeros when None). Wit
 seq_idx[b, 0]); a negative id marks padding: output exactly 0, no contribution (forward and
 backward). Activation None, "silu" or "swish" (= silu).
 
-Dtypes: x fp16 / bf16 / fp32 / fp64; weight (and bias) in x's dtype or fp32 (fp64 with fp64).
+Dtypes: x fp16 / bf16 / fp32 / fp64; weight (and bias) in x's dtype or fp32 (fp64 with fp64);
+the decode update takes any fp16 / bf16 / fp32 weight with 16/32-bit x, as upstream.
 Outputs in x's dtype; dweight in weight's dtype; dbias in bias's dtype. Math in fp32 (fp64 for
 fp64).
 
@@ -51,6 +52,11 @@ _CTYPE = {"float16": "ssm::f16", "bfloat16": "ssm::bf16", "float32": "float", "f
 _WDTYPES = {"float16": ("float16", "float32"), "bfloat16": ("bfloat16", "float32"),
             "float32": ("float32",), "float64": ("float64",)}
 _SDTYPES = _WDTYPES
+# weight / bias dtypes of the decode update per x dtype: any fp16 / bf16 / fp32 with 16/32-bit x,
+# as upstream causal_conv1d_update (it compiles all nine (x, weight) pairs of its update kernel);
+# math in fp32, so every pairing is exact.
+_UPDATE_WDTYPES = {"float16": ("float16", "float32", "bfloat16"), "bfloat16": ("bfloat16", "float32", "float16"),
+                   "float32": ("float32", "float16", "bfloat16"), "float64": ("float64",)}
 WIDTHS = tuple(range(2, 9))
 ACTIVATIONS = (None, "silu", "swish")
 LAYOUTS = ("cf", "cl")   # channel-first (time contiguous) / channel-last (channels contiguous)
@@ -189,7 +195,8 @@ def variants(dtype: str | None = None, width: int | None = None, kind: str | Non
                         continue
                     for seq in (False, True):
                         refs.append(kernel_ref(k, xd, wd, w, seq))
-            if kind in (None, "update"):
+        if kind in (None, "update"):
+            for wd in _UPDATE_WDTYPES[xd]:
                 for sd in _SDTYPES[xd]:
                     refs.append(kernel_ref("update", xd, wd, sdtype=sd))
     if kind in (None, "bwd_reduce"):
@@ -213,9 +220,9 @@ def _check_x3(op, x):
         raise ValueError(f"{op}: argument 'x' must have B, D, L >= 1, got shape {tuple(x.shape)}")
 
 
-def _check_weight(op, weight, D, xd):
+def _check_weight(op, weight, D, xd, wdtypes=_WDTYPES):
     check_ndim(op, "weight", weight, (2,), "(D, W)")
-    check_array(op, "weight", weight, (D, None), "DW", dtypes=_WDTYPES[xd])
+    check_array(op, "weight", weight, (D, None), "DW", dtypes=wdtypes[xd])
     W = int(weight.shape[1])
     check_range(op, "W (weight.shape[1])", W, WIDTHS[0], WIDTHS[-1])
     return W
@@ -261,7 +268,7 @@ def validate_update(x, conv_state, weight, bias, activation, cache_seqlens, conv
         raise ValueError(f"{op}: argument 'x' must have sizes >= 1, got shape {tuple(x.shape)}")
     B, D = int(x.shape[0]), int(x.shape[1])
     xd = dtype_name(x)
-    W = _check_weight(op, weight, D, xd)
+    W = _check_weight(op, weight, D, xd, _UPDATE_WDTYPES)
     check_ndim(op, "conv_state", conv_state, (3,), "(B_pool, D, S)")
     check_array(op, "conv_state", conv_state, (None, D, None), dtypes=_SDTYPES[xd])
     S = int(conv_state.shape[2])
@@ -675,7 +682,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     """Decode step(s): convolve new tokens against ``conv_state``, updating it in place.
 
     x: (B, D) or (B, D, L_new); conv_state: (B_pool, D, S), S >= W-1, dtype x's or float32
-    (fp64 with fp64); weight (D, W); bias (D,) or None; activation None / "silu" / "swish".
+    (fp64 with fp64); weight (D, W) fp16 / bf16 / fp32 with any 16/32-bit x (as upstream; fp64
+    with fp64), bias (D,) in weight's dtype or None; math in fp32; activation None / "silu" /
+    "swish".
     Without cache_seqlens the state is a shift register (afterwards: the last S steps of
     concat(state, x)); with cache_seqlens (B,) int32 it is a ring buffer: token t is written at
     (cache_seqlens[b] + t) % S and reads its W-1 predecessors at (cache_seqlens[b] + t - j) % S.
