@@ -640,7 +640,11 @@ class SelectiveStateUpdatePlan:
       a few hundred ns; ``check=False`` skips the check: only for callers that guarantee it).
       Optional arguments present at construction stay present; absent ones stay absent.
 
-    The plan keeps references to its bound arrays, so their memory stays valid.
+    The plan keeps references to its bound arrays, so their memory stays valid. It reads every
+    array in place: arguments ``selective_state_update`` would widen on each call (a 16-bit A,
+    fp16 dt with fp32 x, ...; see its Dtypes) raise TypeError here; pass them in the kernel's
+    dtype. The dtypes models pass (bf16 state, x, B, C, D and dt_bias with fp32 A; fp32 dt_bias
+    with bf16 D; fp32 state with 16-bit inputs) need no copy.
 
     Many layers in one CUDA graph: give each layer static buffers and a plan, capture the plans
     once on a non-default stream, then per token copy the new inputs into the static buffers
