@@ -62,8 +62,10 @@ def backend_of(op: str, named: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                 x = np.from_dlpack(x)
                 kinds[name] = NUMPY
             else:
-                import cupy
+                from ._cuda_env import check_driver, import_cupy
 
+                cupy = import_cupy()          # an ImportError naming the install extra if missing
+                check_driver(cupy)            # once per process: the driver runs this CuPy build
                 x = cupy.from_dlpack(x)
                 kinds[name] = CUPY
         else:

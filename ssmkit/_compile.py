@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ._cuda_env import explain_cuda_error, import_cupy
 from ._layout import kernels_dir
 
 log = logging.getLogger("ssmkit.compile")
@@ -76,9 +77,16 @@ _lock = threading.Lock()
 
 def get_kernel(ref: KernelRef):
     """The ``cupy.RawKernel`` for ``ref`` on the current device, compiling on first use."""
-    import cupy
-
-    key = (cupy.cuda.runtime.getDevice(), ref.file, ref.name)
+    try:
+        import cupy
+    except ModuleNotFoundError:
+        cupy = import_cupy()                  # raises an ImportError naming the install extra
+    try:
+        device = cupy.cuda.runtime.getDevice()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:   # no driver, or one too old for this CuPy
+        explain_cuda_error(exc, cupy)
+        raise
+    key = (device, ref.file, ref.name)
     kernel = _kernels.get(key)
     if kernel is None:
         with _lock:
@@ -112,12 +120,16 @@ def _cache_dir_writable() -> bool:
     return os.path.isdir(probe) and os.access(probe, os.W_OK)
 
 
-def _load(ref: KernelRef):
+def raw_module(ref: KernelRef):
+    """The ``cupy.RawModule`` of ``ref`` (compiled, or loaded from CuPy's disk cache, on first
+    use): the one place a kernel's source and options meet CuPy, whose cache key they make."""
     import cupy
 
-    module = cupy.RawModule(code=read_source(ref.file), options=compile_options(),
-                            name_expressions=(ref.name,))
-    kernel = module.get_function(ref.name)
+    return cupy.RawModule(code=read_source(ref.file), options=compile_options(), name_expressions=(ref.name,))
+
+
+def _load(ref: KernelRef):
+    kernel = raw_module(ref).get_function(ref.name)
     kernel.attributes  # force the module load now, so a bad cache entry fails here
     return kernel
 

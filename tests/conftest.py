@@ -8,15 +8,22 @@ import pytest
 
 
 @functools.lru_cache(maxsize=1)
-def gpu_available() -> bool:
+def gpu_problem() -> str | None:
+    """Why no CUDA GPU is usable here (None: one is), for the skip reason."""
     if os.environ.get("SSMKIT_NO_GPU"):
-        return False
+        return "SSMKIT_NO_GPU is set"
     try:
         import cupy
+    except ImportError:
+        return 'CuPy is not installed: pip install -e ".[cuda13]" or ".[cuda12]"'
+    try:
+        return None if cupy.cuda.runtime.getDeviceCount() > 0 else "CuPy sees no CUDA device"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+
+def gpu_available() -> bool:
+    return gpu_problem() is None
 
 
 def pytest_configure(config):
@@ -31,7 +38,7 @@ def pytest_terminal_summary(terminalreporter, config):
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none usable here)")
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU (none usable here: {gpu_problem()})")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -55,10 +55,16 @@ def test_wheel_contents(wheel):
     dist = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     meta = zipfile.ZipFile(wheel).read(f"{dist}/METADATA").decode()
     assert "Requires-Python: >=3.10" in meta
-    assert "Requires-Dist: numpy" in meta and "Requires-Dist: cupy-cuda13x" in meta
+    assert "Requires-Dist: numpy" in meta
     assert "Provides-Extra: test" in meta and "Provides-Extra: torch" in meta
+    # CuPy only through the extra of the driver's CUDA major version, never by default.
+    for extra, wheel_name in (("cuda13", "cupy-cuda13x"), ("cuda12", "cupy-cuda12x")):
+        assert f"Provides-Extra: {extra}" in meta
+        cupy_lines = [ln for ln in meta.splitlines() if ln.startswith(f"Requires-Dist: {wheel_name}")]
+        assert cupy_lines and all(f"extra == '{extra}'" in ln.replace('"', "'") for ln in cupy_lines), cupy_lines
     entry = zipfile.ZipFile(wheel).read(f"{dist}/entry_points.txt").decode()
     assert "ssmkit-demo = ssmkit.demo:main" in entry
+    assert "ssmkit = ssmkit.cli:main" in entry
 
 
 _CHECK = textwrap.dedent("""
@@ -106,3 +112,12 @@ def test_installed_wheel_works_outside_the_repo(wheel, tmp_path):
     demo = venv / ("Scripts/ssmkit-demo.exe" if os.name == "nt" else "bin/ssmkit-demo")
     proc = _run([demo, "--cpu"], cwd=str(work), env=env)
     assert "reference" in proc.stdout.lower()
+
+    # The `ssmkit` command: info lists the installed package's ops; bench outside a checkout says
+    # where the GPU benchmarks are (and, without a GPU, times the CPU rows).
+    cli = venv / ("Scripts/ssmkit.exe" if os.name == "nt" else "bin/ssmkit")
+    info = json.loads(_run([cli, "info", "--json"], cwd=str(work), env=env).stdout)
+    assert Path(info["ssmkit"]["path"]).resolve().is_relative_to(site.resolve())
+    assert info["cache"]["variants"]["selective_scan"] > 0
+    proc = _run([cli, "bench", "--quick", "--out", work / "bench"], cwd=str(work), env=dict(env, SSMKIT_NO_GPU="1"))
+    assert "ship with the source checkout" in proc.stdout and (work / "bench" / "bench_cpu.json").is_file()

@@ -116,7 +116,10 @@ _maybe_exchange = None
 
 def _init_cupy():
     global _cp, _ndarray, _Unowned, _MemPtr, _get_alloc, _set_alloc, _raw_stream, _exchange, _maybe_exchange
-    import cupy
+    from .._cuda_env import check_driver, import_cupy
+
+    cupy = import_cupy()                      # an ImportError naming the install extra if missing
+    check_driver(cupy)                        # the driver can run this CuPy build (else one clear error)
     from cupy.cuda import memory
 
     _ndarray = cupy.ndarray
