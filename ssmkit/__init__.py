@@ -22,9 +22,11 @@ from .ops.linear_scan import linear_scan, linear_scan_bwd  # noqa: E402
 from .ops.selective_scan import selective_scan, selective_scan_fwd, selective_scan_bwd, ScanSaved  # noqa: E402
 from .ops.selective_state_update import selective_state_update, SelectiveStateUpdatePlan  # noqa: E402
 from .ops.causal_conv1d import causal_conv1d, causal_conv1d_bwd, causal_conv1d_update  # noqa: E402
+from .ops.layer_norm import layer_norm, layer_norm_fwd, layer_norm_bwd  # noqa: E402
 from ._warmup import warmup  # noqa: E402
 
 __all__ = ["linear_scan", "linear_scan_bwd", "selective_scan", "selective_scan_fwd", "selective_scan_bwd",
            "ScanSaved", "warmup"]
 __all__ += ["selective_state_update", "SelectiveStateUpdatePlan"]
 __all__ += ["causal_conv1d", "causal_conv1d_bwd", "causal_conv1d_update"]
+__all__ += ["layer_norm", "layer_norm_fwd", "layer_norm_bwd"]

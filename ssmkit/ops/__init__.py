@@ -4,3 +4,4 @@ from . import selective_scan  # noqa: F401
 from . import reduce_partials  # noqa: F401
 from . import selective_state_update  # noqa: F401
 from . import causal_conv1d  # noqa: F401
+from . import layer_norm  # noqa: F401

@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from . import _impl
 from . import _ops  # noqa: F401  (registers torch.ops.ssmkit.*)
 from ._functions import CausalConv1dFunction, LinearScanFunction, MambaInnerFunction, SelectiveScanFunction
+from .layer_norm import LayerNormFunction, RMSNorm, layer_norm_fn, rms_norm_fn  # noqa: F401
 
 __all__ = ["selective_scan_fn", "linear_scan", "causal_conv1d_fn", "causal_conv1d_update",
            "selective_state_update", "mamba_inner_fn", "SelectiveScanFunction", "LinearScanFunction",
            "CausalConv1dFunction", "MambaInnerFunction"]
+__all__ += ["layer_norm_fn", "rms_norm_fn", "RMSNorm", "LayerNormFunction"]
 
 _is_compiling = torch.compiler.is_compiling
 
