@@ -589,6 +589,9 @@ def test_launch_geometry_emulated(p, sdt, expand, noncontig, idx64, sms):
     ptrs = [0 if a is None else a.__array_interface__["data"][0] for a in named]
     cfg = op.launch_config(spec, named, ptrs, sms)
     assert cfg.tie == (expand and p.spec.mamba2 and p.spec.headdim > 1)
+    for name, field in (("D", "D_type"), ("dt_bias", "bias_type")):  # per-call storage type codes
+        if args[name] is not None:
+            assert cfg.fields[field] == op.SCALAR_CODE[args[name].dtype.name]
     pristine = args["state"].copy()
     state_writes, out_writes = emulate_kernel(cfg, named, sdt, cfg.tie)
 

@@ -14,8 +14,8 @@ Dtypes (``dtype_rules``): every argument is read in its own dtype and the math r
 reads x, dt, z, out in x's dtype; B, C in x's dtype or fp32; A in fp32; D and dt_bias each in
 fp32, fp16 or bf16 (its own, chosen per call); the state in fp32, fp16 or bf16 (fp64 x: fp64
 state, A, B, C). An argument the kernel does not read in its own dtype but can hold exactly in a
-wider one (a 16-bit A, dt or z with fp32 x, 16-bit B/C other than x's) is widened on the host,
-one extra copy per call; nothing is ever narrowed: the rest raises TypeError.
+wider one (a 16-bit A; 16-bit dt, z, B, C with fp32 x; 16-bit B/C not both in x's dtype) is
+widened on the host, one extra copy per call; nothing is ever narrowed: the rest raises TypeError.
 
 Three ways to call it, from most convenient to cheapest per call:
 
