@@ -17,8 +17,8 @@ Math in fp32 (fp64 for fp64); mean and rstd are kept in that type.
 
 Layouts: H must have unit stride and the leading dims one row stride (any view that reshapes to
 (rows, H) without a copy); other inputs are copied per call (as upstream's reshape/contiguous).
-Rows and 16-byte-aligned arrays move as 16-byte vectors; odd H or unaligned views take scalar
-accesses (correct, slower).
+Arrays whose base and row stride are 16-byte aligned move as 16-byte vectors (the last, partial
+chunk of a row element by element); odd H or unaligned views take scalar accesses (correct, slower).
 
 NumPy inputs run the float64 reference (``ssmkit.reference.layer_norm``); CuPy inputs run the
 kernels on the current stream without synchronizing. The first call of each layout (shapes,
