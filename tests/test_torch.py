@@ -601,8 +601,11 @@ def test_gpu_code_path_plumbing_cpu(monkeypatch):
 
     monkeypatch.setattr(_impl, "device_of", lambda op, names, ts: 0)
     monkeypatch.setattr(_impl, "gpu_context", lambda idx: contextlib.nullcontext())
-    monkeypatch.setattr(_impl, "views", lambda op, idx, names, ts: [_bridge.np_view(t) for t in ts])
-    monkeypatch.setattr(_impl, "view", lambda t, name="?", idx=None: _bridge.np_view(t))
+    def share(t):   # NumPy over the tensor's memory, as a CuPy view shares a CUDA tensor's
+        return None if t is None else t.detach().resolve_conj().resolve_neg().numpy()
+
+    monkeypatch.setattr(_impl, "views", lambda op, idx, names, ts: [share(t) for t in ts])
+    monkeypatch.setattr(_impl, "view", lambda t, name="?", idx=None: share(t))
     monkeypatch.setattr(_impl, "to_torch", lambda a: None if a is None else _bridge.from_numpy(a))
     monkeypatch.setattr(_impl, "_torch_device", lambda idx: torch.device("cpu"))
     # selective scan through the autograd.Function and through the custom ops
