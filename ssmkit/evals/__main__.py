@@ -1,0 +1,3 @@
+from ssmkit.evals import main
+
+raise SystemExit(main())
