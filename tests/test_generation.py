@@ -262,3 +262,17 @@ def test_gpu_continuous_batching_after_eos():
         hits = (row[8:] == eos).nonzero()
         n = 30 if len(hits) == 0 else 8 + int(hits[0]) + 1
         assert torch.equal(out[i, :n], row[:n])
+
+
+def test_bench_generation_runs_on_the_cpu(tmp_path, capsys):
+    """benchmarks/bench_generation.py with a tiny random model through the CPU reference path."""
+    import json
+
+    from benchmarks import bench_generation
+
+    r = bench_generation.main(["--model", "tiny", "--device", "cpu", "--promptlen", "5", "--genlen", "4",
+                               "--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+    assert r["ms_per_token"] > 0 and r["prefill_ms"] > 0 and r["tokens_per_s"] > 0
+    assert "CPU reference path" in capsys.readouterr().out
+    data = json.loads((tmp_path / "generation_tiny_cpu.json").read_text())
+    assert data["results"][0]["batch"] == 2
