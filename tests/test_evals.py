@@ -226,26 +226,24 @@ def test_loglikelihood_equals_full_forward(lmeval, workdir, model, tok, share, b
     lm = make_lm(lmeval, workdir, share_contexts=share, batch_size=batch, max_batch_size=4)
     got = lm.loglikelihood(instances("loglikelihood", LL_REQUESTS))
     assert len(got) == len(LL_REQUESTS)
-    greedy_seen = set()
     for (c, x), (lp, greedy) in zip(LL_REQUESTS, got):
         want_lp, want_greedy = ref_loglikelihood(model, tok, c, x)
         assert abs(lp - want_lp) <= TOL * max(1.0, abs(want_lp)), (c, x, lp, want_lp)
         assert greedy == want_greedy, (c, x)
-        greedy_seen.add(greedy)
     assert got[0] == got[3]
 
 
 def test_greedy_flag_is_true_for_the_greedy_continuation(lmeval, workdir, model, tok):
     ctx = tok.encode("the cat sat on")
-    text = ref_generate(model, tok, "the cat sat on", 4)
-    cont_ids = tok.encode("the cat sat on" + text)[len(ctx):]
-    assert text and cont_ids
-    lm = make_lm(lmeval, workdir, share_contexts=True)
-    (lp, greedy), (lp2, greedy2) = lm.loglikelihood(instances("loglikelihood", [("the cat sat on", text),
-                                                                               ("the cat sat on", " zzz")]))
-    if tok.encode("the cat sat on" + text)[:len(ctx)] == ctx:   # the greedy tokens re-encode the same way
-        assert greedy
-    assert not greedy2 and lp2 < 0
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ctx]), max_length=len(ctx) + 5, top_k=1)[0, len(ctx):].tolist()
+    other = list(greedy)
+    other[2] = (other[2] + 1) % V                  # differs from the greedy tokens at one position
+    for share in (True, False):
+        lm = make_lm(lmeval, workdir, share_contexts=share, batch_size=2)
+        (lp, g), (lp2, g2) = lm._loglikelihood_tokens([(None, ctx, greedy), (None, ctx, other)])
+        assert g and not g2 and lp > lp2
+        assert abs(lp - ref_score(model, ctx + greedy, 5)[0]) <= TOL * abs(lp)
 
 
 def test_truncation_to_max_length(lmeval, workdir, model, tok):
@@ -499,22 +497,27 @@ def test_command_line(lmeval, workdir, model, tok, tmp_path):
 # ---- GPU (the lead's H100/H200 runs) ------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [("float32", 2e-4), ("bfloat16", 5e-2)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 2e-4), ("float16", 3e-2), ("bfloat16", 1e-1)])
 def test_gpu_kernels_match_cpu_reference(lmeval, workdir, model, tok, dtype, tol):
     """The same checkpoint on CUDA (ssmkit's kernels) against the CPU float64 reference: scores of
     both paths (shared context and one row per request), batched and auto; generation through the
-    CUDA graph equals eager generation on the GPU."""
+    CUDA graph, ragged batches and one prompt at a time (the same greedy text in float32)."""
     cpu = make_lm(lmeval, workdir, batch_size=4)
     want = cpu.loglikelihood(instances("loglikelihood", LL_REQUESTS))
     for share, batch in ((True, 4), (False, 4), ("auto", "auto")):
         lm = make_lm(lmeval, workdir, device="cuda", dtype=dtype, share_contexts=share, batch_size=batch)
+        assert next(lm.model.parameters()).device.type == "cuda"
         got = lm.loglikelihood(instances("loglikelihood", LL_REQUESTS))
         for (c, x), (lp, _), (w, _) in zip(LL_REQUESTS, got, want):
             assert abs(lp - w) <= tol * max(1.0, abs(w)), (dtype, share, c, x, lp, w)
+    docs = instances("loglikelihood_rolling", [("the sun is hot and the moon is cold.",)])
+    w = cpu.loglikelihood_rolling(docs)[0]
+    lp = make_lm(lmeval, workdir, device="cuda", dtype=dtype).loglikelihood_rolling(docs)[0]
+    assert abs(lp - w) <= tol * abs(w)
     reqs = instances("generate_until", [(p, {"until": ["."], "max_gen_toks": 16}) for p in PROMPTS])
     eager = make_lm(lmeval, workdir, device="cuda", dtype=dtype, batch_size=3).generate_until(reqs)
     graph = make_lm(lmeval, workdir, device="cuda", dtype=dtype, batch_size=3, cg=True).generate_until(reqs)
-    assert eager == graph
     one = make_lm(lmeval, workdir, device="cuda", dtype=dtype, batch_size=1).generate_until(reqs)
-    if dtype == "float32":            # ragged batching is exact up to fp32 rounding: same greedy tokens
-        assert eager == one
+    assert all(isinstance(t, str) for t in eager + graph + one) and len(eager) == len(graph) == len(PROMPTS)
+    if dtype == "float32":     # same greedy tokens up to fp32 rounding (no near-ties in this model)
+        assert eager == graph == one

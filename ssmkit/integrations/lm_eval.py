@@ -72,8 +72,9 @@ try:
     from lm_eval import utils as _lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-except ImportError as exc:  # pragma: no cover - exercised by test_evals without lm_eval
-    raise ImportError(f'ssmkit.integrations.lm_eval needs lm-eval 0.4.x: pip install "ssmkit[eval]" ({exc})') from exc
+except ImportError as exc:  # tests/test_evals.py::test_missing_lm_eval_names_the_extra
+    raise ImportError(f'ssmkit.integrations.lm_eval needs lm-eval (0.4.10 or later 0.4.x): pip install "ssmkit[eval]"'
+                      f" ({exc})") from exc
 
 import torch
 from tqdm import tqdm
@@ -245,23 +246,6 @@ class SsmkitLM(TemplateLM):
             raise ValueError(f"ssmkit lm-eval model: unknown model arguments {sorted(kwargs)} (known: pretrained, "
                              "tokenizer, dtype, device, batch_size, max_batch_size, max_length, max_gen_toks, "
                              "share_contexts, decode_step_tokens, cg, add_bos_token, prefix_token_id)")
-        if isinstance(pretrained, torch.nn.Module):
-            self._model = pretrained
-            self._device = next(pretrained.parameters()).device
-            self.pretrained = type(pretrained).__name__
-        else:
-            self._device = _resolve_device(device)
-            self._model = MambaLMHeadModel.from_pretrained(str(pretrained), device=self._device,
-                                                           dtype=_resolve_dtype(dtype, self._device))
-            self.pretrained = str(pretrained)
-        self._model.eval()
-        self.tokenizer = load_tokenizer(tokenizer, pretrained if not isinstance(pretrained, torch.nn.Module) else None)
-        model_vocab = self._model.lm_head.weight.shape[0]
-        self.vocab_size = min(len(self.tokenizer), model_vocab)
-        if len(self.tokenizer) > model_vocab:
-            log.warning("the tokenizer has %d tokens, the model %d: ids from %d on cannot be scored",
-                        len(self.tokenizer), model_vocab, model_vocab)
-
         bs = str(batch_size).lower()
         self._auto_batch = bs.startswith("auto")
         self._batch = int(max_batch_size or DEFAULT_MAX_BATCH_SIZE) if self._auto_batch else int(batch_size)
@@ -272,9 +256,27 @@ class SsmkitLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.share_contexts = _parse_bool("share_contexts", share_contexts, ("auto",))
         self.decode_step_tokens = int(decode_step_tokens)
-        self.cg = _parse_bool("cg", cg) and self._device.type == "cuda"
+        cg = _parse_bool("cg", cg)
         self.add_bos_token = None if add_bos_token is None else _parse_bool("add_bos_token", add_bos_token)
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
+
+        if isinstance(pretrained, torch.nn.Module):
+            self._model = pretrained
+            self._device = next(pretrained.parameters()).device
+            self.pretrained = type(pretrained).__name__
+        else:
+            self._device = _resolve_device(device)
+            self._model = MambaLMHeadModel.from_pretrained(str(pretrained), device=self._device,
+                                                           dtype=_resolve_dtype(dtype, self._device))
+            self.pretrained = str(pretrained)
+        self._model.eval()
+        self.cg = cg and self._device.type == "cuda"
+        self.tokenizer = load_tokenizer(tokenizer, pretrained if not isinstance(pretrained, torch.nn.Module) else None)
+        model_vocab = self._model.lm_head.weight.shape[0]
+        self.vocab_size = min(len(self.tokenizer), model_vocab)
+        if len(self.tokenizer) > model_vocab:
+            log.warning("the tokenizer has %d tokens, the model %d: ids from %d on cannot be scored",
+                        len(self.tokenizer), model_vocab, model_vocab)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config=None):
@@ -457,7 +459,8 @@ class SsmkitLM(TemplateLM):
         total = torch.zeros(len(rows), dtype=torch.float64, device=dev)
         greedy = torch.ones(len(rows), dtype=torch.bool, device=dev)
         for step in range(K - 1):
-            lp = self._logprobs(self._model(toks[:, step:step + 1], inference_params=p, num_last_tokens=1).logits[:, -1])
+            logits = self._model(toks[:, step:step + 1], inference_params=p, num_last_tokens=1).logits[:, -1]
+            lp = self._logprobs(logits)
             p.seqlen_offset += 1
             t, v = toks[:, step + 1], valid[:, step + 1]
             total += torch.where(v, lp.gather(-1, t[:, None]).squeeze(-1).double(), 0.0)
