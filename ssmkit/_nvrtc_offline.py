@@ -41,9 +41,12 @@ def _program_log(prog) -> str:
     from cuda.bindings import nvrtc
 
     err, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    buf = b" " * size
+    # A mutable buffer: NVRTC writes into it. (b" " * size, the cuda-python docs' idiom, is the
+    # interpreter's shared one-byte b" " object when the log is empty: NVRTC's NUL then turned
+    # every b" " in the process into b"\0", which broke torch.save in the same process.)
+    buf = bytearray(size)
     nvrtc.nvrtcGetProgramLog(prog, buf)
-    return buf.decode(errors="replace").rstrip("\x00 \n")
+    return bytes(buf).decode(errors="replace").rstrip("\x00 \n")
 
 
 def nvrtc_version() -> tuple[int, int]:
