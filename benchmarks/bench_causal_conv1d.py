@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import load_anchors, print_table, row, time_cuda, time_graph, write_json  # noqa: E402
+from benchmarks.common import load_anchors, print_table, row, time_cuda, time_graph, write_json, bf16_dtype, randn  # noqa: E402
 
 SHAPES = [(8, 3072, 2048), (4, 8192, 2048), (1, 10240, 8192)]
 EXTRA_WIDTHS = [2, 3, 8]
@@ -40,26 +40,6 @@ UPDATE_ROWS = [(1, 5120, 4), (64, 5120, 4), (256, 4096, 4)]
 UPDATE_STATE_LEN = 4                 # the anchor's conv_state (B, D, 4)
 ROTATE_BYTES = 256 << 20
 MIN_BUFFERS, MAX_BUFFERS = 64, 2048
-
-
-def _bf16():
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def randn(shape, dtype: str, scale: float = 1.0):
-    """Random normal device array (never zeros); bf16 by truncating fp32 bits (no bf16 kernels)."""
-    import cupy
-
-    a = cupy.random.standard_normal(shape, dtype=cupy.float32)
-    if scale != 1.0:
-        a *= scale
-    if dtype == "float32":
-        return a
-    if dtype == "bfloat16":
-        return (a.view(cupy.uint32) >> 16).astype(cupy.uint16).view(_bf16())
-    return a.astype(dtype)
 
 
 def _chlast(shape, dtype):
@@ -78,7 +58,7 @@ def conv_rows(anchors, quick):
         cases = [(SHAPES[0], 4, "bfloat16"), (SHAPES[0], 4, "float32"), (SHAPES[0], 8, "bfloat16")]
     for (B, D, L), W, dt in cases:
         tag = f"b{B} d{D} l{L} w{W} {'bf16' if dt == 'bfloat16' else 'fp32'}"
-        item = np.dtype(_bf16() if dt == "bfloat16" else dt).itemsize
+        item = np.dtype(bf16_dtype() if dt == "bfloat16" else dt).itemsize
         xbytes = B * D * L * item
         weight = randn((D, W), dt, 1.0 / math.sqrt(W))
         bias = randn((D,), dt)
@@ -121,7 +101,7 @@ def update_rows(anchors, quick):
         x = randn((B, D), "bfloat16")
         weight = randn((D, W), "bfloat16", 0.5)
         bias = randn((D,), "bfloat16")
-        out = cupy.empty((B, D), _bf16())
+        out = cupy.empty((B, D), bf16_dtype())
         cyc = itertools.cycle(states)
         nbytes = 2 * B * D * 2 + 2 * per
 

@@ -34,32 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import print_table, row, time_cuda, time_graph, write_json  # noqa: E402
+from benchmarks.common import print_table, row, time_cuda, time_graph, write_json, randn  # noqa: E402
 
 ANCHOR = (16384, 2048)
 SHAPES = [ANCHOR, (4096, 4096), (2048, 8192), (65536, 768), (1024, 16384)]
 DECODE = [(1, 2048), (64, 4096)]
 TARGET = 0.85
-
-
-def _bf16():
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-def randn(shape, dtype: str, scale: float = 1.0):
-    """Random normal device array (never zeros); bf16 by truncating fp32 bits."""
-    import cupy
-
-    a = cupy.random.standard_normal(shape, dtype=cupy.float32)
-    if scale != 1.0:
-        a *= scale
-    if dtype == "float32":
-        return a
-    if dtype == "bfloat16":
-        return (a.view(cupy.uint32) >> 16).astype(cupy.uint16).view(_bf16())
-    return a.astype(dtype)
 
 
 def _item(dt):

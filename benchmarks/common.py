@@ -66,6 +66,28 @@ def time_graph(fn, calls_per_graph: int = 20, warmup: int = 3, iters: int = 20) 
     return statistics.median(times)
 
 
+def bf16_dtype():
+    """NumPy's bfloat16 dtype (ml_dtypes), as CuPy arrays use it."""
+    import ml_dtypes
+    import numpy as np
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def randn(shape, dtype: str, scale: float = 1.0):
+    """Random normal device array (never zeros); bf16 by truncating fp32 bits (no bf16 kernels)."""
+    import cupy
+
+    a = cupy.random.standard_normal(shape, dtype=cupy.float32)
+    if scale != 1.0:
+        a *= scale
+    if dtype == "float32":
+        return a
+    if dtype == "bfloat16":
+        return (a.view(cupy.uint32) >> 16).astype(cupy.uint16).view(bf16_dtype())
+    return a.astype(dtype)
+
+
 def hbm_fraction(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / HBM_RW
 
