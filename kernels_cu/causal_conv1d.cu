@@ -407,14 +407,18 @@ __device__ __forceinline__ A conv_dpre(const A* w, A bias, const A* xs, const in
     return valid ? r : A(0);
 }
 
-// dweight/dbias partials of one position (its dpre and its visible window).
+// dweight/dbias partials of one position (its dpre and its visible window). A padding position
+// (s_t < 0, dp = 0) sees no input either: padding tokens share its id, and a NaN / inf left in
+// them (a padded batch's unwritten rows) must not reach dweight as 0 * NaN (a select, not a
+// multiply by 0).
 template <int kW, bool kSeq, typename A>
 __device__ __forceinline__ void conv_accum(A* pw, A& pb, A dp, const A* xs, const int* ss, int s_t) {
     pb += dp;
+    const bool live = s_t >= 0;
 #pragma unroll
     for (int k = 0; k < kW; ++k) {
         A xv = xs[k];
-        if (kSeq) xv = ss[k] == s_t ? xv : A(0);
+        if (kSeq) xv = (live && ss[k] == s_t) ? xv : A(0);
         pw[k] = conv_fma(dp, xv, pw[k]);
     }
 }

@@ -36,6 +36,8 @@ def _visibility(seq_idx, width):
     if seq_idx is None:
         return None, None
     s = np.asarray(seq_idx).astype(np.int64)
+    if s.shape[1] == 0:
+        return np.zeros((s.shape[0], 0, width), bool), np.zeros(s.shape, bool)
     ext = np.concatenate([np.repeat(s[:, :1], width - 1, axis=1), s], axis=1)
     windows = sliding_window_view(ext, width, axis=1)           # (B, L, W)
     valid = s >= 0
@@ -44,13 +46,18 @@ def _visibility(seq_idx, width):
 
 
 def _windows(x, weight, initial_states, seq_idx):
-    """Masked input windows (B, D, L, W), validity (B, L) or None, extended input."""
+    """Masked input windows (B, D, L, W), validity (B, L) or None, extended input.
+    Invisible entries are selected away (np.where), not multiplied by 0: a NaN in another
+    sequence's token must not reach this one."""
     width = weight.shape[-1]
     xx = _extended_input(x, initial_states, width)
-    win = sliding_window_view(xx, width, axis=-1)                # (B, D, L, W)
+    if x.shape[-1] == 0:                                         # L = 0: no windows
+        win = np.zeros(x.shape + (width,))
+    else:
+        win = sliding_window_view(xx, width, axis=-1)            # (B, D, L, W)
     mask, valid = _visibility(seq_idx, width)
     if mask is not None:
-        win = win * mask[:, None]
+        win = np.where(mask[:, None], win, 0.0)
     return win, mask, valid, xx
 
 
@@ -96,12 +103,12 @@ def causal_conv1d_bwd(x, weight, bias, dout, activation=None, seq_idx=None,
         pre = pre + as64(bias)[:, None]
     dpre = as64(dout) * act_grad(pre)
     if valid is not None:
-        dpre = dpre * valid[:, None, :]
+        dpre = np.where(valid[:, None, :], dpre, 0.0)
     dbias = None if bias is None else dpre.sum(axis=(0, 2))
     dweight = np.einsum("bdlw,bdl->dw", win, dpre)
     contrib = np.einsum("bdl,dw->bdlw", dpre, w64)               # grad wrt window entries
     if mask is not None:
-        contrib = contrib * mask[:, None]
+        contrib = np.where(mask[:, None], contrib, 0.0)
     dxx = np.zeros(x.shape[:2] + (width - 1 + length,))
     for k in range(width):
         dxx[..., k:k + length] += contrib[..., k]

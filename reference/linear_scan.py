@@ -49,6 +49,8 @@ def _bwd_forward_direction(a, b, dh, initial, h):
     a_next = np.zeros_like(a)
     a_next[..., :-1] = a[..., 1:]
     g = _scan_forward(np.conj(a_next)[..., ::-1], dh[..., ::-1], None)[..., ::-1]
+    if h.shape[-1] == 0:                 # L = 0: h does not depend on initial
+        return g, g, None if initial is None else np.zeros(np.shape(initial), dtype=g.dtype)
     h_prev = np.zeros_like(h)
     h_prev[..., 1:] = h[..., :-1]
     if initial is not None:

@@ -43,9 +43,10 @@ def _reduce_bc(dX, like):
     """Sum a per-channel gradient dX: (B, D, N, L) back to the shape of ``like``."""
     if like.ndim == 2:
         return dX.sum(axis=(0, 3))
-    batch, _, dstate, length = dX.shape
+    batch, dim, dstate, length = dX.shape
     groups = 1 if like.ndim == 3 else like.shape[1]
-    return dX.reshape(batch, groups, -1, dstate, length).sum(axis=2).reshape(like.shape)
+    # explicit sizes: a -1 is ambiguous when a dimension is 0
+    return dX.reshape(batch, groups, dim // groups, dstate, length).sum(axis=2).reshape(like.shape)
 
 
 def _at(X, t):

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._arrays import CUPY, FLOAT_NAMES, backend_of, dtype_name
+from .._arrays import CUPY, FLOAT_NAMES, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef, get_kernel
 from .._launch import MAX_GRID_X, MAX_THREADS_PER_BLOCK, Prepared
 from .._params import Params, ptr, strides_elems
 from .._registry import register
-from .._validate import check_array, check_flag, check_ndim, check_range
+from .._validate import check_array, check_flag, check_ndim, check_range, check_written
 
 OP = "causal_conv1d"
 OP_BWD = "causal_conv1d_bwd"
@@ -216,8 +216,6 @@ def _check_activation(op, activation):
 def _check_x3(op, x):
     check_ndim(op, "x", x, (3,), "(B, D, L)")
     check_array(op, "x", x, (None, None, None), "BDL", dtypes=FLOAT_NAMES)
-    if min(x.shape) < 1:
-        raise ValueError(f"{op}: argument 'x' must have B, D, L >= 1, got shape {tuple(x.shape)}")
 
 
 def _check_weight(op, weight, D, xd, wdtypes=_WDTYPES):
@@ -241,9 +239,16 @@ class ConvSpec:
     has_seq: bool
     has_initial_states: bool
 
+    @property
+    def empty(self) -> bool:
+        """A zero-size B, D or L: nothing to compute, no kernel launch."""
+        return self.batch * self.dim * self.seqlen == 0
 
-def validate(x, weight, bias=None, activation=None, seq_idx=None, initial_states=None, op=OP) -> ConvSpec:
-    """Checks shared by forward and backward; returns the frozen spec."""
+
+def validate(x, weight, bias=None, activation=None, seq_idx=None, initial_states=None, op=OP,
+             out=None) -> ConvSpec:
+    """Checks shared by forward and backward (``out``: the forward's preallocated output);
+    returns the frozen spec."""
     _check_x3(op, x)
     B, D, L = (int(s) for s in x.shape)
     xd = dtype_name(x)
@@ -256,6 +261,9 @@ def validate(x, weight, bias=None, activation=None, seq_idx=None, initial_states
         check_array(op, "seq_idx", seq_idx, (B, L), "BL", dtypes=("int32",))
     if initial_states is not None:
         check_array(op, "initial_states", initial_states, (B, D, W - 1), dtypes=(xd,))
+    if out is not None:
+        check_array(op, "out", out, (B, D, L), "BDL", dtypes=(xd,))
+        check_written(op, "out", out)
     return ConvSpec(B, D, L, W, xd, wd, bias is not None, activation is not None, seq_idx is not None,
                     initial_states is not None)
 
@@ -264,14 +272,13 @@ def validate_update(x, conv_state, weight, bias, activation, cache_seqlens, conv
     op = OP_UPDATE
     check_ndim(op, "x", x, (2, 3), "(B, D) or (B, D, L_new)")
     check_array(op, "x", x, (None,) * x.ndim, dtypes=FLOAT_NAMES)
-    if min(x.shape) < 1:
-        raise ValueError(f"{op}: argument 'x' must have sizes >= 1, got shape {tuple(x.shape)}")
     B, D = int(x.shape[0]), int(x.shape[1])
     xd = dtype_name(x)
     W = _check_weight(op, weight, D, xd, _UPDATE_WDTYPES)
     check_ndim(op, "conv_state", conv_state, (3,), "(B_pool, D, S)")
     check_array(op, "conv_state", conv_state, (None, D, None), dtypes=_SDTYPES[xd])
     S = int(conv_state.shape[2])
+    check_written(op, "conv_state", conv_state)
     if S < W - 1:
         raise ValueError(f"{op}: argument 'conv_state' must have S >= W - 1 = {W - 1} (S = conv_state.shape[2]), "
                          f"got shape {tuple(conv_state.shape)}")
@@ -287,6 +294,7 @@ def validate_update(x, conv_state, weight, bias, activation, cache_seqlens, conv
                          f"(shape (B, D, S)), got shape {tuple(conv_state.shape)}")
     if out is not None:
         check_array(op, "out", out, tuple(x.shape), dtypes=(xd,))
+        check_written(op, "out", out)
     return B, D, W, S
 
 
@@ -400,6 +408,11 @@ class _FwdPlan:
 
     def __init__(self, spec: ConvSpec, x, weight, bias, seq_idx, initial_states, out, rfs: bool):
         B, D, L, W = spec.batch, spec.dim, spec.seqlen, spec.width
+        self.dtype, self.rfs, self.fin_shape = x.dtype, rfs, (B, D, W - 1)
+        if spec.empty:                    # a zero-size dimension: outputs only, no launch
+            self.launch = None
+            self.out_alloc = None if out is not None else ((B, D, L), None)
+            return
         item = np.dtype(x.dtype).itemsize
         cl = _channel_last(x)
         seg_iters = 1
@@ -447,6 +460,11 @@ class _FwdPlan:
             out = cupy.empty(shape, self.dtype)
             if perm is not None:
                 out = out.transpose(perm)
+        if self.launch is None:           # zero-size: with L = 0 final_states = initial_states
+            fin = None
+            if self.rfs:
+                fin = cupy.zeros(self.fin_shape, self.dtype) if initial_states is None else initial_states.copy()
+            return (out, fin) if self.rfs else out
         fin = cupy.empty(self.fin_shape, self.dtype) if self.rfs else None
         v = _with_ptrs(self.vals, self.I, x=x, weight=weight, bias=bias, seq_idx=seq_idx,
                        initial_states=initial_states, out=out, final_states=fin)
@@ -464,6 +482,13 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
     Returns out (B, D, L) in x's dtype (channel-last when x is), and with
     ``return_final_states`` also final_states (B, D, W-1): the last W-1 steps of
     concat(initial_states or zeros, x) along time, raw (seq_idx does not apply).
+
+    Edge inputs: B, D or L may be 0 (nothing is launched; out is empty); with L = 0,
+    final_states is initial_states (a copy; zeros without it), by the rule above. Every argument
+    may have any strides, negative ones included; ``out`` (written) must be writeable, with no
+    elements sharing memory. NaN and inf propagate, never turned into finite numbers: a NaN in x
+    at step t makes out[t:t+W] of that channel NaN, except outputs that seq_idx keeps from
+    seeing step t (another sequence, or padding: exactly 0).
     """
     if type(return_final_states) is not bool:
         check_flag(OP, "return_final_states", return_final_states)
@@ -481,9 +506,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
         x, weight, bias, seq_idx, initial_states, out = (
             arr[k] for k in ("x", "weight", "bias", "seq_idx", "initial_states", "out"))
         if backend != CUPY:
-            spec = validate(x, weight, bias, activation, seq_idx, initial_states)
-            if out is not None:
-                check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
+            validate(x, weight, bias, activation, seq_idx, initial_states, out=out)
             from ..reference import causal_conv1d as ref
 
             res = ref(x, weight, bias=bias, activation=activation, seq_idx=seq_idx,
@@ -498,9 +521,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, seq_idx=None, initial_s
                activation, return_final_states, _current_device())
         plan = _FWD_PLANS.get(key)
         if plan is None:   # first call with this signature (or arrays converted from DLPack)
-            spec = validate(x, weight, bias, activation, seq_idx, initial_states)
-            if out is not None:
-                check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.dtype,))
+            spec = validate(x, weight, bias, activation, seq_idx, initial_states, out=out)
+            check_current_device(OP, arr, key[-1])     # kernels launch on the current device
             plan = _FwdPlan(spec, x, weight, bias, seq_idx, initial_states, out, return_final_states)
             _remember(_FWD_PLANS, key, plan)
     return plan(x, weight, bias, seq_idx, initial_states, out)
@@ -515,6 +537,12 @@ class _BwdPlan:
 
     def __init__(self, spec: ConvSpec, x, weight, bias, dout, seq_idx, initial_states, dfinal_states):
         B, D, L, W = spec.batch, spec.dim, spec.seqlen, spec.width
+        if spec.empty:                    # a zero-size dimension: outputs only, no launch
+            self.launch, self.cl, self.shape, self.W = None, False, (B, D, L), W
+            self.dtype, self.wdtype = x.dtype, weight.dtype
+            self.bdtype = None if bias is None else bias.dtype
+            self.has_init = initial_states is not None
+            return
         item = np.dtype(x.dtype).itemsize
         cl = _channel_last(x)
         if cl:
@@ -559,6 +587,12 @@ class _BwdPlan:
         cupy = _cupy
         B, D, L = self.shape
         W = self.W
+        if self.launch is None:           # zero-size: sums over nothing; with L = 0 dinit = dfinal
+            dinit = None
+            if self.has_init:
+                dinit = cupy.zeros((B, D, W - 1), self.dtype) if dfinal_states is None else dfinal_states.copy()
+            return (cupy.empty((B, D, L), self.dtype), cupy.zeros((D, W), self.wdtype),
+                    None if self.bdtype is None else cupy.zeros((D,), self.bdtype), dinit)
         dx = cupy.empty((B, L, D), self.dtype).transpose(0, 2, 1) if self.cl else cupy.empty((B, D, L), self.dtype)
         dweight = cupy.empty((D, W), self.wdtype)
         dbias = None if self.bdtype is None else cupy.empty((D,), self.bdtype)
@@ -589,6 +623,8 @@ def causal_conv1d_bwd(x, weight, bias, dout, activation=None, seq_idx=None, init
     over the partials): the result is bitwise reproducible run to run with no atomics, at the
     cost of a (B * L / 1024, D, W+1) fp32 workspace (~1% of x's bytes) and a second tiny launch.
     ``deterministic`` is accepted for API compatibility; both values give this deterministic path.
+    Zero-size B, D or L: nothing is launched; dx is empty, dweight and dbias are zeros, and with
+    L = 0 dinitial_states is dfinal_states (zeros without it), as final_states = initial_states.
     """
     check_flag(OP_BWD, "deterministic", deterministic)
     plan = None
@@ -622,6 +658,7 @@ def causal_conv1d_bwd(x, weight, bias, dout, activation=None, seq_idx=None, init
 
                 return ref(x, weight, bias, dout, activation=activation, seq_idx=seq_idx,
                            initial_states=initial_states, dfinal_states=dfinal_states)
+            check_current_device(OP_BWD, arr, key[-1])
             plan = _BwdPlan(spec, x, weight, bias, dout, seq_idx, initial_states, dfinal_states)
             _remember(_BWD_PLANS, key, plan)
     return plan(x, weight, bias, dout, seq_idx, initial_states, dfinal_states)
@@ -635,13 +672,16 @@ class _UpdatePlan:
     def __init__(self, x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices, out):
         B, D, W, S = validate_update(x, conv_state, weight, bias, activation, cache_seqlens,
                                      conv_state_indices, out)
+        self.out_shape, self.dtype = tuple(x.shape), x.dtype
+        if x.size == 0:                   # a zero-size dimension: the state is untouched, no launch
+            self.launch = None
+            return
         xd = dtype_name(x)
         n_dblocks = _cdiv(D, _UPDATE_THREADS)
         _check_grid(OP_UPDATE, B * n_dblocks)
         self.kernel = get_kernel(kernel_ref("update", xd, dtype_name(weight), sdtype=dtype_name(conv_state)))
         self.grid = (B * n_dblocks, 1, 1)
         self.launch = Prepared(self.kernel, self.grid, (_UPDATE_THREADS, 1, 1), 0)
-        self.out_shape, self.dtype = tuple(x.shape), x.dtype
         three = x.ndim == 3
         xs = strides_elems(x)
         x_l = xs[2] if three else 0
@@ -662,6 +702,8 @@ class _UpdatePlan:
     def __call__(self, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out):
         if out is None:
             out = _cupy.empty(self.out_shape, self.dtype)
+        if self.launch is None:
+            return out
         v = self.vals.copy()
         v[0] = x.data.ptr
         v[1] = conv_state.data.ptr
@@ -691,6 +733,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
     conv_state_indices (B,) int32: batch row b uses pool row conv_state_indices[b] (default b); a
     negative index is a padding row (state untouched, output zeros).
     out: optional preallocated output (x's shape and dtype). Returns out.
+    Zero-size B, D or L_new: nothing is launched, the state is untouched, out is empty.
+    Any strides, negative ones included; conv_state and out are written: they must be
+    writeable, with no elements sharing memory.
     """
     plan = None
     if type(x) is _CP_NDARRAY:
@@ -721,6 +766,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cach
                _sig(conv_state_indices), _sig(out), _current_device())
         plan = _UPDATE_PLANS.get(key)
         if plan is None:
+            check_current_device(OP_UPDATE, arr, key[-1])     # kernels launch on the current device
             plan = _UpdatePlan(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices, out)
             _remember(_UPDATE_PLANS, key, plan)
     return plan(x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out)

@@ -39,7 +39,7 @@ from .._launch import MAX_GRID_X, prepare
 from .._params import Params
 from .._plan import PlanCache, layout_key
 from .._registry import register
-from .._validate import check_array, check_flag, check_ndim
+from .._validate import check_array, check_flag, check_ndim, check_written
 
 OP = "layer_norm"
 OP_BWD = "layer_norm_bwd"
@@ -234,6 +234,7 @@ def validate(x, weight, bias=None, residual=None, eps=1e-6, prenorm=False, resid
     rd = residual_dtype(dt, res_dt, residual_in_fp32)
     if out is not None:
         check_array(OP, "out", out, shape, dtypes=(dt,))
+        check_written(OP, "out", out)
     rows = int(np.prod(shape[:-1], dtype=np.int64))
     return LayerNormSpec(shape, rows, H, dt, wd, rd, bias is not None, residual is not None,
                          residual is not None or rd != dt, bool(is_rms_norm), eps)
@@ -500,7 +501,15 @@ def layer_norm(x, weight, bias=None, residual=None, eps=1e-6, prenorm=False, res
     with ``prenorm`` (out, residual_out): residual_out = x + residual in the residual's dtype, or
     fp32 with ``residual_in_fp32`` (16-bit x, no residual), else x itself (as upstream).
     ``out``: optional preallocated (..., H) array of x's dtype (rows one stride apart, unit
-    stride along H). Keeps nothing for a backward (see ``layer_norm_fwd``).
+    stride along H; writeable, no elements sharing memory). Keeps nothing
+    for a backward (see ``layer_norm_fwd``).
+
+    Edge inputs: a leading dim of 0 (no rows) gives empty outputs and launches nothing; H must
+    be >= 1 (the statistics of an empty row are undefined). Inputs may have any strides,
+    negative ones included (those that are not one row stride apart with unit stride along H are
+    copied per call). NaN and inf propagate row-wise: a NaN in x (or residual) at (r, h) makes
+    row r of out NaN and residual_out[r, h] NaN; a NaN in weight[h] or bias[h] makes out[..., h]
+    NaN.
     """
     y, rout, _, _ = _forward(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm, out, False)
     if not prenorm:

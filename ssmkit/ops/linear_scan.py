@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._arrays import CUPY, FLOAT_NAMES, COMPLEX_NAMES, backend_of, dtype_name
+from .._arrays import CUPY, FLOAT_NAMES, COMPLEX_NAMES, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef
 from .._launch import launch
 from .._params import Params, ptr, strides_elems
@@ -54,14 +54,12 @@ class LinearScanSpec:
 def validate(a, b, initial, reverse) -> LinearScanSpec:
     check_flag(OP, "reverse", reverse)
     if not hasattr(a, "shape") or len(a.shape) < 1:
-        raise ValueError(f"{OP}: argument 'a' must have shape (..., L) with L >= 1, "
+        raise ValueError(f"{OP}: argument 'a' must have shape (..., L) (at least one axis), "
                          f"got {getattr(a, 'shape', type(a).__name__)}")
     shape = tuple(a.shape)
     check_array(OP, "a", a, shape, dtypes=DTYPES)
     check_array(OP, "b", b, shape, dtypes=DTYPES)
     check_same_dtype(OP, ("a", "b"), (a, b))
-    if shape[-1] < 1:
-        raise ValueError(f"{OP}: L (the last axis of 'a') must be >= 1, got shape {shape}")
     if initial is not None:
         check_array(OP, "initial", initial, shape[:-1], dtypes=(dtype_name(a),))
     return LinearScanSpec(shape, dtype_name(a), initial is not None, reverse)
@@ -71,9 +69,17 @@ def _rows(x, L):
     return x.reshape(-1, L)  # a view when the leading axes collapse, else a copy
 
 
+def _check_device(arr: dict) -> None:
+    import cupy
+
+    check_current_device(OP, arr, cupy.cuda.runtime.getDevice())
+
+
 def _scan_gpu(a, b, initial, reverse, shift_gate=False, conj_gate=False, out=None):
     import cupy
 
+    if a.size == 0:                     # a zero-size axis: nothing to scan, no launch
+        return out if out is not None else cupy.empty(b.shape, dtype=b.dtype)
     L = a.shape[-1]
     a2, b2 = _rows(a, L), _rows(b, L)
     R = a2.shape[0]
@@ -100,6 +106,9 @@ def linear_scan(a, b, initial=None, reverse: bool = False):
     initial: (...) state before the first step (zeros when None).
     Returns h: (..., L), dtype of b. 16-bit inputs scan in fp32.
     NumPy inputs run the float64 reference; CuPy inputs run kernels_cu/linear_scan.cu.
+    Any axis may be 0 (h is then empty; nothing is launched). Inputs may have any strides,
+    negative ones included. NaN and inf propagate: a NaN in a or b at step t makes h[..., t:]
+    of that row NaN (h[..., :t + 1] with ``reverse``).
     """
     backend, arr = backend_of(OP, {"a": a, "b": b, "initial": initial})
     a, b, initial = arr["a"], arr["b"], arr["initial"]
@@ -108,6 +117,7 @@ def linear_scan(a, b, initial=None, reverse: bool = False):
         from ..reference import linear_scan as ref
 
         return ref(a, b, initial=initial, reverse=reverse)
+    _check_device(arr)
     return _scan_gpu(a, b, initial, reverse)
 
 
@@ -117,7 +127,8 @@ def linear_scan_bwd(a, b, dh, initial=None, reverse: bool = False, h=None):
     db is the opposite-direction scan of dh with gates conj(a) shifted by one step; then
     da_t = db_t * conj(h_prev_t) and dinitial = conj(a_first) * db_first (complex gradients in
     the PyTorch convention, dL/dRe + i dL/dIm). ``h`` (the forward output) is recomputed when
-    not given. dinitial is None when ``initial`` is None.
+    not given. dinitial is None when ``initial`` is None. With L = 0, h does not depend on
+    ``initial``: dinitial is zeros (da, db empty); nothing is launched for a zero-size input.
     """
     backend, arr = backend_of(OP, {"a": a, "b": b, "dh": dh, "initial": initial, "h": h})
     a, b, dh, initial, h = (arr[k] for k in ("a", "b", "dh", "initial", "h"))
@@ -129,8 +140,12 @@ def linear_scan_bwd(a, b, dh, initial=None, reverse: bool = False, h=None):
         from ..reference import linear_scan_bwd as ref
 
         return ref(a, b, dh, initial=initial, reverse=reverse, h=h)
+    _check_device(arr)
     import cupy
 
+    if a.size == 0:                     # zero-size: empty gradients, dinitial zeros, no launch
+        dinit = None if initial is None else cupy.zeros(initial.shape, initial.dtype)
+        return cupy.empty(a.shape, a.dtype), cupy.empty(b.shape, b.dtype), dinit
     if h is None:
         h = _scan_gpu(a, b, initial, reverse)
     db = _scan_gpu(a, dh, None, not reverse, shift_gate=True, conj_gate=True)

@@ -20,7 +20,7 @@ from .._plan import PlanCache, layout_key
 from .reduce_partials import FoldPlan
 from .._params import Params, ptr, strides_elems
 from .._registry import register
-from .._validate import check_array, check_flag, check_ndim, check_range
+from .._validate import check_array, check_flag, check_ndim, check_range, check_written
 
 OP = "selective_scan"
 IN_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -160,6 +160,11 @@ class SelectiveScanSpec:
         return self.w_dtype.startswith("complex")
 
     @property
+    def empty(self) -> bool:
+        """A zero-size B, D or L: nothing to compute, no kernel launch."""
+        return self.batch * self.dim * self.seqlen == 0
+
+    @property
     def n_saved(self) -> int:
         return -(-self.seqlen // SAVE_EVERY)
 
@@ -187,13 +192,12 @@ def _bc_layout(name, X, Bsz, Dsz, N, L, w_dtype, in_dtype):
     return True, G
 
 
-def validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state) -> SelectiveScanSpec:
+def validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, out=None) -> SelectiveScanSpec:
+    """Check every forward argument once (``out``: the optional preallocated output)."""
     check_flag(OP, "delta_softplus", delta_softplus)
     check_ndim(OP, "u", u, (3,), "(B, D, L)")
     Bsz, Dsz, L = (int(s) for s in u.shape)
     check_array(OP, "u", u, (Bsz, Dsz, L), "BDL", dtypes=IN_DTYPES)
-    if L < 1 or Dsz < 1 or Bsz < 1:
-        raise ValueError(f"{OP}: B, D and L must be >= 1, got u.shape = {tuple(u.shape)}")
     in_dt = dtype_name(u)
     check_array(OP, "delta", delta, (Bsz, Dsz, L), "BDL", dtypes=(in_dt,))
     real_w, complex_w = weight_dtypes(in_dt)
@@ -215,6 +219,9 @@ def validate(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
         check_array(OP, "z", z, (Bsz, Dsz, L), "BDL", dtypes=(in_dt,))
     if initial_state is not None:
         check_array(OP, "initial_state", initial_state, (Bsz, Dsz, N), "BDN", dtypes=(w_dt,))
+    if out is not None:
+        check_array(OP, "out", out, (Bsz, Dsz, L), "BDL", dtypes=(in_dt,))
+        check_written(OP, "out", out)
     return SelectiveScanSpec(Bsz, Dsz, L, N, groups, in_dt, w_dt, var_b, var_c, D is not None,
                              z is not None, delta_bias is not None, delta_softplus,
                              initial_state is not None)
@@ -340,6 +347,10 @@ class _FwdPlan:
         B, D, L, N = spec.batch, spec.dim, spec.seqlen, spec.dstate
         self.out_shape, self.state_shape, self.saved_shape = (B, D, L), (B, D, N), (B, D, spec.n_saved, N)
         self.in_dtype = arrays["u"].dtype
+        self.save_y = want_saved and spec.has_z
+        self.launch = None
+        if spec.empty:                       # a zero-size dimension: outputs only, no launch
+            return
         self.stage = [(_NAMES.index(n), n) for n in _bc_to_stage(spec, arrays)]
         arrays = _staged(arrays, tuple(n for _, n in self.stage))
         f = _common_fields(spec, *(arrays[k] for k in _NAMES))
@@ -350,7 +361,6 @@ class _FwdPlan:
             so = (D * L, L, 1)
             out_ok = _contiguous_rows_aligned(L, self.in_dtype.itemsize)
         warps, bpg, smem = _launch_shape(spec, fwd_smem)
-        self.save_y = want_saved and spec.has_z
         if self.save_y:
             out_ok = out_ok and _contiguous_rows_aligned(L, self.in_dtype.itemsize)
         f.update(out_b=so[0], out_d=so[1], out_l=so[2], blocks_per_group=bpg,
@@ -365,6 +375,8 @@ class _FwdPlan:
     def __call__(self, ptrs, out, args):
         import cupy
 
+        if self.launch is None:
+            return self._empty(out, args[_NAMES.index("initial_state")])
         row = self.row[:]
         for i, p in zip(self.ptr_index, ptrs):
             row[i] = p
@@ -388,6 +400,21 @@ class _FwdPlan:
         self.launch.row(PARAMS, row)
         return out, last, (saved, y)
 
+    def _empty(self, out, initial_state):
+        """A zero-size B, D or L: empty outputs; with L = 0 the last state is the initial state
+        (a copy; zeros without one), as a scan of length 0 leaves the state where it was."""
+        import cupy
+
+        w = self.spec.w_dtype
+        if out is None:
+            out = cupy.empty(self.out_shape, self.in_dtype)
+        last = None
+        if self.want_last:
+            last = cupy.zeros(self.state_shape, w) if initial_state is None else initial_state.copy()
+        saved = cupy.empty(self.saved_shape, w) if self.want_saved else None
+        y = cupy.empty(self.out_shape, self.in_dtype) if self.save_y else None
+        return out, last, (saved, y)
+
 
 def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool):
     """(backend, spec or None, result) for the forward. CuPy layouts seen before skip validation."""
@@ -397,9 +424,7 @@ def _forward(args: tuple, delta_softplus, out, want_last: bool, want_saved: bool
         return CUPY, plan.spec, plan(ptrs[:-1], out, args)
     backend, arr = backend_of(OP, dict(zip(_NAMES + ("out",), args + (out,))))
     out = arr.pop("out")
-    spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"])
-    if out is not None:
-        check_array(OP, "out", out, (spec.batch, spec.dim, spec.seqlen), "BDL", dtypes=(spec.in_dtype,))
+    spec = validate(*(arr[k] for k in _NAMES[:7]), arr["delta_bias"], delta_softplus, arr["initial_state"], out)
     if backend != CUPY:
         from ..reference import selective_scan as ref
 
@@ -433,6 +458,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     call (a temporary of B/C's size), as upstream makes them contiguous: the kernel reads B/C
     for every state, and element-wise reads of them made b8 d1536 l2047 1.6x (bf16) to 1.8x
     (fp32) slower.
+
+    Edge inputs: B, D or L may be 0 (nothing is launched; out is empty). With L = 0 the last
+    state is the initial state (a copy), zeros without one: a scan of length 0 leaves the state
+    where it was, so scanning L1 then L2 steps from that state equals one scan of L1 + L2.
+    N must be >= 1. Every argument may have any strides, negative ones included (the kernels take
+    int64 element strides); ``out`` (written) must be writeable, with no elements sharing memory.
+    NaN and inf propagate, never turned into finite numbers: a NaN in u or delta at step t makes
+    out[t:] of that channel NaN (a NaN in a variable B at step t: every channel of its group from
+    t on; in a variable C at step t: out[t] of the group's channels only).
     """
     check_flag(OP, "return_last_state", return_last_state)
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -462,7 +496,9 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     holds the chunk-boundary states the backward recomputes from. Shapes as ``selective_scan``.
     Bytes kept per call (``saved.nbytes``): B * D * ceil(L / 256) * N * itemsize(A), plus
     B * D * L * itemsize(u) when z is given (the un-gated output, for dz).
-    On NumPy inputs ``saved.states`` is None (the reference backward recomputes everything)."""
+    On NumPy inputs ``saved.states`` is None (the reference backward recomputes everything).
+    Edge inputs as ``selective_scan`` (a zero-size B, D or L launches nothing; with L = 0
+    last_state is the initial state)."""
     args = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     _, spec, (o, last, (states, y)) = _forward(args, delta_softplus, out, True, True)
     return o, last, ScanSaved(states, spec, y)
@@ -658,6 +694,26 @@ class _BwdPlan:
                 outs.get("dz"), grads.get("ddelta_bias"), outs.get("dinitial_state"))
 
 
+def _empty_bwd(arr: dict) -> tuple:
+    """Gradients of a zero-size problem (see ``selective_scan_bwd``), without a launch."""
+    import cupy
+
+    def zeros(name):
+        a = arr[name]
+        return None if a is None else cupy.zeros(a.shape, a.dtype)
+
+    def empty(name):
+        a = arr[name]
+        return None if a is None else cupy.empty(a.shape, a.dtype)
+
+    dinit = None
+    if arr["initial_state"] is not None:
+        dlast = arr["dlast_state"]
+        dinit = zeros("initial_state") if dlast is None else dlast.copy()
+    return (empty("u"), empty("delta"), zeros("A"), zeros("B"), zeros("C"), zeros("D"), empty("z"),
+            zeros("delta_bias"), dinit)
+
+
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, initial_state=None, saved=None, dlast_state=None,
                        deterministic=None):
@@ -672,6 +728,10 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     folded on the device (cost: see benchmarks/NOTES.md). With False, variable dB/dC are added
     with fp32 atomics into B * G * N * L * 4 bytes each: faster, but the last bits of dB/dC can
     differ run to run. Every other gradient is deterministic either way.
+
+    Zero-size B, D or L: nothing is launched and ``saved`` is not needed; du, ddelta, dz are
+    empty, dA, dB, dC, dD, ddelta_bias are zeros (sums over nothing), and dinitial_state is
+    dlast_state (a copy; zeros without it), since with L = 0 last_state is the initial state.
     """
     if deterministic is None:
         deterministic = DETERMINISTIC_DEFAULT
@@ -694,6 +754,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return ref(arr["dout"], *(arr[k] for k in _NAMES[:5]), D=arr["D"], z=arr["z"],
                    delta_bias=arr["delta_bias"], delta_softplus=delta_softplus,
                    initial_state=arr["initial_state"], dlast_state=arr["dlast_state"])
+    if spec.empty:
+        _check_device(arr)
+        return _empty_bwd(arr)
     if states is None or (spec.has_z and ysaved is None):
         raise ValueError(f"{OP}: selective_scan_bwd needs the 'saved' states from selective_scan_fwd "
                          "on GPU inputs")

@@ -40,7 +40,7 @@ from .._launch import MAX_GRID_X
 from .._params import Params
 from .._plan import layout_key, loaded_ndarray_type, ndarray_type
 from .._registry import register
-from .._validate import check_array, check_flag, check_ndim
+from .._validate import check_array, check_flag, check_ndim, check_written
 
 OP = "selective_state_update"
 KERNEL_FILE = "selective_state_update.cu"
@@ -311,14 +311,13 @@ def validate(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     if state_batch_indices is None:
         check_array(OP, "state", state, act + (N,), act_letters + "N")
     else:
+        check_array(OP, "state", state, (pool,) + chan + (N,), "B" + letters + "N")
         check_array(OP, "state_batch_indices", state_batch_indices, (batch,), "B", INDEX_DTYPES)
         index_dtype = dtype_name(state_batch_indices)
+    check_written(OP, "state", state)
     if out is not None:
         check_array(OP, "out", out, act, act_letters, (dtype,))
-    for name, arr in (("state", state), ("out", out)):
-        if arr is not None and any(s == 0 and n > 1 for s, n in zip(arr.strides, arr.shape)):
-            raise ValueError(f"{OP}: argument '{name}' is written and must not have zero strides "
-                             f"(a broadcast view), got strides {tuple(arr.strides)} for shape {tuple(arr.shape)}")
+        check_written(OP, "out", out)
     return SsuSpec(mamba2, batch, H, P, N, groups, pool, rules.state, dtype, D is not None,
                    z is not None, dt_bias is not None, state_batch_indices is not None, index_dtype,
                    bool(dt_softplus), out is not None, rules.bc, rules.D, rules.dt_bias, rules.widen)
@@ -569,6 +568,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     ``state_batch_indices[b]``; a negative index marks padding: that row's state is not touched
     and its output is 0 (the GPU also treats an index >= B_pool as padding; the NumPy path
     raises). Indices must be distinct (as upstream, duplicates race).
+
+    Edge inputs: B, D (H or P) may be 0: nothing is launched, the state is untouched and out is
+    empty; N must be >= 1. Every argument may have any strides, negative ones included; ``state``
+    and ``out`` are written: they must be writeable, with no elements sharing memory. NaN and inf
+    propagate, never turned into finite numbers: a NaN in x, dt or dt_bias makes that channel's
+    new state and output NaN (in B: the whole group's; in A[.., n]: state[.., n] and the output);
+    padding rows are neither read nor written.
 
     Dtypes (math in fp32; in fp64 for fp64 x), each argument read in its own dtype as upstream:
 

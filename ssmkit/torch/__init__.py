@@ -114,6 +114,8 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
     """
     silu = _silu(activation)
     return_final_states = bool(return_final_states)
+    if return_final_states and final_states_out is not None:
+        _check_final_states_out(final_states_out, x, weight)
     if _is_compiling():
         out, final = torch.ops.ssmkit.causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states,
                                                          return_final_states, silu)
@@ -127,6 +129,28 @@ def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, re
         final_states_out.copy_(final)
         return out, final_states_out
     return out, final
+
+
+def _check_final_states_out(fso, x, weight):
+    """final_states_out, written in place: (B, D, W-1) in x's dtype on x's device, writeable
+    layout (checked before anything runs)."""
+    from ssmkit._arrays import dtype_name
+    from ssmkit._validate import check_array, check_written
+
+    from ._bridge import Shadow
+
+    op = "causal_conv1d_fn"
+    if not isinstance(fso, torch.Tensor):
+        raise TypeError(f"{op}: argument 'final_states_out' must be a torch.Tensor or None, got {type(fso).__name__}")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 3 and weight.dim() >= 2):
+        return                     # the host validation names what is wrong with x / weight
+    if fso.device != x.device:
+        raise ValueError(f"{op}: all tensors must be on one device; 'x' is on {x.device} but "
+                         f"'final_states_out' is on {fso.device}")
+    sh = Shadow(fso)
+    check_array(op, "final_states_out", sh, (x.shape[0], x.shape[1], weight.shape[-1] - 1),
+                dtypes=(dtype_name(Shadow(x)),))
+    check_written(op, "final_states_out", sh)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None,

@@ -296,7 +296,9 @@ def conv_update(x, conv_state, weight, bias, silu: bool, cache_seqlens, conv_sta
             if "out" not in kw:
                 out.copy_(to_torch(o))
             return out
-    if has_bf16(args) and _conv_mod is not None:
+    # The reference runs on copies: the caller's tensors are validated here (true dtypes of bf16,
+    # and the layout of the state written back into).
+    if (has_bf16(args) or not conv_state.is_contiguous()) and _conv_mod is not None:
         sh = shadows(args)
         _conv_mod.validate_update(sh[0], sh[1], sh[2], sh[3], _act(silu), sh[4], sh[5], None)
     n = [np_view(t) for t in args]
@@ -338,7 +340,7 @@ def ssu(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_batch_ind
             ssmkit.selective_state_update(*v[:6], D=v[6], z=v[7], dt_bias=v[8], dt_softplus=dt_softplus,
                                           state_batch_indices=v[9], out=view(out, "out", idx))
         return out
-    if has_bf16(args):
+    if has_bf16(args) or not state.is_contiguous():   # the caller's tensors (the reference runs on copies)
         sh = shadows(args)
         _ssu_mod.validate(*sh[:9], dt_softplus=dt_softplus, state_batch_indices=sh[9])
     n = [np_view(t) for t in args]
