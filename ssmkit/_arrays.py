@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _fork
+
 NUMPY = "numpy"
 CUPY = "cupy"
 
@@ -64,6 +66,7 @@ def backend_of(op: str, named: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             else:
                 from ._cuda_env import check_driver, import_cupy
 
+                _fork.check()                 # a forked child: one clear error, not a CUDA one
                 cupy = import_cupy()          # an ImportError naming the install extra if missing
                 check_driver(cupy)            # once per process: the driver runs this CuPy build
                 x = cupy.from_dlpack(x)
@@ -79,6 +82,8 @@ def backend_of(op: str, named: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                         f"all CuPy for the GPU); got {detail}")
     backend = found.pop() if found else NUMPY
     if backend == CUPY:
+        _fork.check()                         # a forked child: one clear error, not a CUDA one
+        _fork.note_gpu_use()
         devices = {name: x.device.id for name, x in out.items() if x is not None}
         if len(set(devices.values())) > 1:
             detail = ", ".join(f"{n}: cuda:{d}" for n, d in devices.items())

@@ -7,6 +7,13 @@
 * A per-process dict keyed by (device, file, name expression) keeps the hot path to one lookup.
 * A cache folder that cannot be written, or an entry that no longer loads, never breaks a call:
   we warn and compile in memory instead.
+* Threads: one lock serialises the builds of this process (compile and first load; a hit in
+  the dict takes no lock). Processes: the first build of a variant also holds an advisory file
+  lock (``fcntl.flock``) per variant in the cache folder, so processes that start together (DDP
+  ranks, two test runs) compile a variant once: the others wait, then load the entry the first
+  one wrote. CuPy 14 writes cache entries through a temporary file and ``os.replace`` and checks
+  a hash on load, so without the lock nothing breaks either; the lock also holds for a CuPy that
+  writes in place, and saves the duplicate compiles.
 
 The same source text and options feed ``_nvrtc_offline`` (CI's GPU-less compile check).
 """
@@ -22,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+from . import _fork
 from ._cuda_env import explain_cuda_error, import_cupy
 from ._layout import kernels_dir
 
@@ -75,15 +83,32 @@ _kernels: dict[tuple[int, str, str], object] = {}
 _lock = threading.Lock()
 
 
+def _new_lock_after_fork() -> None:
+    # A lock held by another thread at fork() stays locked forever in the child.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
+def _current_device(cupy) -> int:
+    return cupy.cuda.runtime.getDevice()
+
+
 def get_kernel(ref: KernelRef):
     """The ``cupy.RawKernel`` for ``ref`` on the current device, compiling on first use."""
+    if _fork.FORKED:
+        _fork.check()
     try:
         import cupy
     except ModuleNotFoundError:
         cupy = import_cupy()                  # raises an ImportError naming the install extra
     try:
-        device = cupy.cuda.runtime.getDevice()
+        device = _current_device(cupy)
     except cupy.cuda.runtime.CUDARuntimeError as exc:   # no driver, or one too old for this CuPy
+        _fork.explain(exc)
         explain_cuda_error(exc, cupy)
         raise
     key = (device, ref.file, ref.name)
@@ -93,6 +118,7 @@ def get_kernel(ref: KernelRef):
             kernel = _kernels.get(key)
             if kernel is None:
                 kernel = _kernels[key] = _build(ref)
+        _fork.note_gpu_use()
     return kernel
 
 
@@ -109,8 +135,13 @@ def _cupy_cache_in_memory():
             os.environ["CUPY_CACHE_IN_MEMORY"] = old
 
 
+def cache_dir() -> str:
+    """CuPy's kernel cache folder (``CUPY_CACHE_DIR``, else ``~/.cupy/kernel_cache``)."""
+    return os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+
+
 def _cache_dir_writable() -> bool:
-    path = os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+    path = cache_dir()
     probe = path
     while probe and not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -134,6 +165,59 @@ def _load(ref: KernelRef):
     return kernel
 
 
+LOCK_DIR = "ssmkit-locks"      # inside the cache folder: one empty lock file per variant built
+LOCK_TIMEOUT_S = 600.0         # then build without the lock (a stuck holder must not hang us forever)
+LOCK_POLL_S = 0.05
+
+
+def lock_path(ref: KernelRef, folder: str | None = None) -> str:
+    """The lock file of ``ref``'s first build: named by a hash of everything in CuPy's cache key
+    that ssmkit chooses (file, name expression, options), so one name per cache entry."""
+    key = "\0".join((ref.file, ref.name) + compile_options()).encode()
+    name = hashlib.sha256(key).hexdigest()[:24] + ".lock"
+    return os.path.join(folder or cache_dir(), LOCK_DIR, name)
+
+
+@contextlib.contextmanager
+def interprocess_lock(path: str, timeout: float | None = None):
+    """Hold an exclusive advisory lock on ``path`` (created if missing) across processes.
+    Yields True when locked; False (and holds nothing) where file locks are unavailable (no
+    ``fcntl``, a folder that cannot be written, a file system without ``flock``) or after
+    ``timeout`` seconds: callers then go on unlocked, which CuPy's atomic cache writes allow."""
+    try:
+        import fcntl
+    except ImportError:                      # not POSIX
+        yield False
+        return
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield False
+        return
+    locked = False
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("ssmkit: waited %.0f s for %s; building without it", timeout, path)
+                    break
+                time.sleep(LOCK_POLL_S)
+            except OSError:                  # no flock on this file system
+                break
+        yield locked
+    finally:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _build(ref: KernelRef):
     import cupy
 
@@ -146,7 +230,8 @@ def _build(ref: KernelRef):
             kernel = _load(ref)
     else:
         try:
-            kernel = _load(ref)
+            with interprocess_lock(lock_path(ref)):
+                kernel = _load(ref)
         except cupy.cuda.compiler.CompileException:
             raise
         except (OSError, cupy.cuda.driver.CUDADriverError, ValueError, EOFError) as exc:

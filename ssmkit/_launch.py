@@ -9,7 +9,9 @@ MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
 DEFAULT_SMEM_LIMIT = 48 * 1024  # above this a kernel must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize)
 
-_opted_in: dict[tuple[int, int], int] = {}
+# (device, id(kernel)) -> (kernel, bytes opted in). The kernel is kept so that its id cannot be
+# reused by a new kernel object (after _compile.clear_process_cache) that has not opted in.
+_opted_in: dict[tuple[int, int], tuple[object, int]] = {}
 
 
 def _dims(v) -> tuple[int, int, int]:
@@ -59,9 +61,11 @@ class Prepared:
 
 class _RawLaunch:
     """cuLaunchKernel with one struct parameter packed in place. The lock keeps two threads that
-    share a plan (e.g. torch's autograd thread and the main thread) from interleaving pack and
-    launch. A thread that has made no CUDA runtime call yet has no current context for the driver
-    API: on that error the launch goes through CuPy once (which makes the context current)."""
+    share a plan (e.g. torch's autograd thread and the main thread, or worker threads each on its
+    own stream) from interleaving pack and launch; the stream is read per call from CuPy's
+    thread-local current stream. A thread that has made no CUDA runtime call yet has no current
+    context for the driver API: on that error the launch goes through CuPy once (which makes the
+    context current)."""
 
     __slots__ = ("params", "prepared", "fptr", "dims", "smem", "buf", "argv", "argv_addr", "pack_into",
                  "lock", "launch", "stream", "error")
@@ -115,14 +119,15 @@ def prepare(ref: KernelRef, *, grid, block, shared_mem: int = 0) -> Prepared:
     if shared_mem > DEFAULT_SMEM_LIMIT:
         dev = cupy.cuda.runtime.getDevice()
         key = (dev, id(kernel))
-        if _opted_in.get(key, 0) < shared_mem:
+        done = _opted_in.get(key)
+        if done is None or done[0] is not kernel or done[1] < shared_mem:
             limit = cupy.cuda.runtime.deviceGetAttribute(
                 cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, dev)
             if shared_mem > limit:
                 raise ValueError(f"{ref.name}: {shared_mem} bytes of shared memory exceed the "
                                  f"device's opt-in limit of {limit}")
             kernel.max_dynamic_shared_size_bytes = shared_mem
-            _opted_in[key] = shared_mem
+            _opted_in[key] = (kernel, shared_mem)
     return Prepared(kernel, (gx, gy, gz), (bx, by, bz), shared_mem)
 
 

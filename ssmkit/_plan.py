@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from . import _fork
+
 _cupy_ndarray = None
 
 
@@ -55,11 +57,19 @@ def layout_key(arrays, flags: tuple):
         p = mem.ptr
         add_ptr(p)
         add_key((a.shape, a.strides, a.dtype, mem.device_id, p & 15))
+    if _fork.FORKED:          # a forked child: the GPU may be unusable here (one global read)
+        _fork.check()
     return tuple(key), ptrs
 
 
 class PlanCache(dict):
-    """A bounded dict of plans (cleared when full: layouts rarely number more than a handful)."""
+    """A bounded dict of plans (cleared when full: layouts rarely number more than a handful).
+
+    Shared by every thread of the process without a lock: ``get``/``put`` are single dict
+    operations (atomic under the GIL), two threads that miss together each build an equal plan
+    (the last one stays), and a plan never changes what it launches once built (its lazily made
+    parts, e.g. the raw launcher, are made whole and stored by one assignment), so threads that
+    share it launch with their own pointers on their own streams."""
 
     def __init__(self, max_size: int = 256):
         super().__init__()

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _fork
 from .._arrays import CUPY, FLOAT_NAMES, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef, get_kernel
 from .._launch import MAX_GRID_X, MAX_THREADS_PER_BLOCK, Prepared
@@ -389,6 +390,8 @@ def _remember(cache: dict, key, plan):
 
 
 def _current_device() -> int:
+    if _fork.FORKED:          # a forked child: one clear error before the first CUDA call
+        _fork.check()
     return _get_device()
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _fork
 from .._arrays import CUPY, FLOAT_NAMES, backend_of, check_current_device, dtype_name
 from .._compile import KernelRef, get_kernel
 from .._launch import MAX_GRID_X
@@ -510,6 +511,8 @@ def _layout_key(arrays, dt_softplus, device):
 def _run_cupy(arrays, dt_softplus):
     import cupy
 
+    if _fork.FORKED:          # a forked child: one clear error before the first CUDA call
+        _fork.check()
     device = cupy.cuda.runtime.getDevice()
     key, ptrs = None, None
     if dt_softplus is True or dt_softplus is False:
@@ -727,6 +730,8 @@ class SelectiveStateUpdatePlan:
                 and out is None):
             self._rebind((state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out), check)
         prep = self._prep
+        if _fork.FORKED:
+            _fork.check()
         if not prep.empty:
             _call(prep.kernel, prep.grid, prep.block, self._prm)
         return self._arrays[10]

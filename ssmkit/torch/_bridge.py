@@ -19,6 +19,11 @@ GPU (CUDA tensors):
   returned to torch's cache, never CuPy's pool.
 * A result array allocated that way is turned back into a tensor over the same storage
   (``Tensor.set_``), with no copy and no DLPack.
+* Threads: the view and stream caches are plain dicts read and filled without a lock (single
+  dict operations under the GIL; a view or stream wrapper made twice is equal); everything
+  per call (the current stream, the allocator, its device) is thread-local, so threads on their
+  own torch streams run side by side. In a process forked after the GPU was used,
+  ``gpu_context`` raises ``ssmkit._fork.ForkedCUDAError`` (naming the 'spawn' start method).
 
 CPU tensors: NumPy views (``Tensor.numpy()``) for the float64 reference path; bfloat16 (no NumPy
 dtype without ml_dtypes) travels as float32 and results are cast back.
@@ -30,6 +35,8 @@ import threading
 
 import numpy as np
 import torch
+
+from .. import _fork
 
 _VIEW_MODE = os.environ.get("SSMKIT_TORCH_VIEW", "pointer")   # "pointer" | "dlpack"
 _VIEW_CACHE_ON = os.environ.get("SSMKIT_TORCH_VIEW_CACHE", "1") != "0"
@@ -132,6 +139,7 @@ def _init_cupy():
     _exchange = getattr(torch._C, "_cuda_exchangeDevice", None) or torch.cuda._exchange_device
     _maybe_exchange = getattr(torch._C, "_cuda_maybeExchangeDevice", None) or torch.cuda._maybe_exchange_device
     _cp = cupy
+    _fork.note_gpu_use()
     return cupy
 
 
@@ -271,6 +279,8 @@ class gpu_context:
         self.idx = idx
 
     def __enter__(self):
+        if _fork.FORKED:              # a forked child: one clear error, not a CUDA one
+            _fork.check()
         if _cp is None:
             _init_cupy()
         idx = self.idx
