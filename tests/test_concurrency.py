@@ -477,7 +477,8 @@ def _problems(seed: int):
     B, D, L, N, W = 2, 96, 1536, 16, 4
     n = lambda *s: rng.standard_normal(s).astype(f)   # noqa: E731
     return {
-        "scan": dict(u=n(B, D, L), delta=rng.uniform(-3, 0.5, (B, D, L)).astype(f), A=-rng.uniform(0.5, 2, (D, N)).astype(f),
+        "scan": dict(u=n(B, D, L), delta=rng.uniform(-3, 0.5, (B, D, L)).astype(f),
+                     A=-rng.uniform(0.5, 2, (D, N)).astype(f),
                      B=n(B, 1, N, L), C=n(B, 1, N, L), D=n(D), z=n(B, D, L), delta_bias=n(D) * 0.1, dout=n(B, D, L)),
         "conv": dict(x=n(B, D, L), weight=n(D, W), bias=n(D), dout=n(B, D, L)),
         "conv_update": dict(x=n(64, 512), state=n(64, 512, W - 1), weight=n(512, W), bias=n(512)),
