@@ -2,7 +2,8 @@
 # The one GPU job: the GPU test suite, the benchmarks and compute-sanitizer, writing logs and
 # JSON under $OUT (at most 8 files come back from the device tool).
 #
-#   bash benchmarks/run_gpu.sh [tests] [bench] [model] [sanitize] [demo]   (default: all five)
+#   bash benchmarks/run_gpu.sh [tests] [bench] [model] [sanitize] [demo] [sweep]
+#   (default: the first five; sweep = the accuracy sweep, benchmarks/sweep_accuracy.py)
 #
 # Files: run.log (summary), tests.log, sanitize.log, and results.tgz holding the benchmarks' JSON
 # (selective_scan, causal_conv1d, decode, torch_overhead, layer_norm, model, generation) and plots:
@@ -16,6 +17,15 @@ export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/ssmkit_cupy_cache}
 PY=${PY:-python3}
 JOBS=${JOBS:-12}
 steps="${*:-tests bench model sanitize demo}"
+# DEADLINE=seconds: a budget for the whole script (the device tool kills a call at its limit and
+# then only files already under $OUT come back): every step's timeout is cut to what is left,
+# and a step with under 10 s left is skipped, so the JSON is still packed at the end.
+DEADLINE=${DEADLINE:-100000}
+left() {  # left <wanted timeout>: the timeout to use now (0: skip)
+  local rest=$((DEADLINE - SECONDS - 15))
+  (( rest < 10 )) && { echo 0; return; }
+  (( $1 < rest )) && echo "$1" || echo "$rest"
+}
 JSON="$OUT/json"
 mkdir -p "$JSON"
 LOG="$OUT/run.log"
@@ -28,7 +38,7 @@ LOG="$OUT/run.log"
 if [[ " $steps " == *" tests "* ]]; then
   echo "== GPU tests (-m gpu, $JOBS workers)" | tee -a "$LOG"
   t0=$SECONDS
-  timeout ${TEST_TIMEOUT:-330} $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="-ra" \
+  timeout $(left ${TEST_TIMEOUT:-330}) $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="-ra" \
       -n "$JOBS" ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "pytest rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30 | tee -a "$LOG"
@@ -36,16 +46,17 @@ fi
 if [[ " $steps " == *" bench "* ]]; then
   for b in ${BENCHES:-selective_scan causal_conv1d decode torch_overhead layer_norm}; do
     [[ -f "benchmarks/bench_$b.py" ]] || continue
+    tl=$(left ${BENCH_TIMEOUT:-170}); (( tl == 0 )) && { echo "skip bench_$b (deadline)" | tee -a "$LOG"; continue; }
     echo "== bench_$b" | tee -a "$LOG"
     t0=$SECONDS
-    timeout ${BENCH_TIMEOUT:-170} $PY "benchmarks/bench_$b.py" --out "$JSON" >> "$LOG" 2>&1
+    timeout $tl $PY "benchmarks/bench_$b.py" --out "$JSON" >> "$LOG" 2>&1
     echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
   done
 fi
 if [[ " $steps " == *" model "* ]]; then
   echo "== bench_model ${MODEL_ARGS:-}" | tee -a "$LOG"
   t0=$SECONDS
-  timeout ${MODEL_TIMEOUT:-420} $PY benchmarks/bench_model.py --out "$JSON" ${MODEL_ARGS:-} 2>&1 | tee -a "$LOG" | tail -20
+  timeout $(left ${MODEL_TIMEOUT:-420}) $PY benchmarks/bench_model.py --out "$JSON" ${MODEL_ARGS:-} 2>&1 | tee -a "$LOG" | tail -20
   echo "rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$LOG"
 fi
 if [[ " $steps " == *" sanitize "* ]]; then
@@ -55,8 +66,9 @@ if [[ " $steps " == *" sanitize "* ]]; then
     # racecheck inspects shared memory: selective_state_update uses none.
     [[ "$s" == *selective_state_update* ]] && tools="memcheck"
     for tool in $tools; do
+      tl=$(left ${SAN_TIMEOUT:-120}); (( tl == 0 )) && { echo "skip $tool $s (deadline)" | tee -a "$LOG"; continue; }
       echo "== compute-sanitizer --tool $tool $s" | tee -a "$SAN"
-      timeout ${SAN_TIMEOUT:-120} compute-sanitizer --tool $tool --error-exitcode 9 $PY "$s" >> "$SAN" 2>&1
+      timeout $tl compute-sanitizer --tool $tool --error-exitcode 9 $PY "$s" >> "$SAN" 2>&1
       rc=$?; echo "rc=$rc" | tee -a "$SAN"
       echo "sanitize $tool $s rc=$rc" >> "$LOG"
     done
@@ -66,9 +78,22 @@ fi
 if [[ " $steps " == *" demo "* ]]; then
   for size in small large; do
     echo "== python -m ssmkit.demo --size $size" | tee -a "$LOG"
-    timeout 120 $PY -m ssmkit.demo --size $size 2>&1 | tail -25 | tee -a "$LOG"
+    tl=$(left 120); (( tl == 0 )) && { echo "skip demo (deadline)" | tee -a "$LOG"; continue; }
+    timeout $tl $PY -m ssmkit.demo --size $size 2>&1 | tail -25 | tee -a "$LOG"
     echo "rc=${PIPESTATUS[0]}" | tee -a "$LOG"
   done
+fi
+if [[ " $steps " == *" sweep "* ]]; then
+  # The accuracy sweep (issue 13): results.json + sweep.md into the packed JSON folder.
+  tl=$(left ${SWEEP_TIMEOUT:-240})
+  if (( tl == 0 )); then echo "skip sweep (deadline)" | tee -a "$LOG"; else
+    echo "== sweep_accuracy ${SWEEP_ARGS:-}" | tee -a "$LOG"
+    t0=$SECONDS
+    timeout $tl $PY benchmarks/sweep_accuracy.py --out "$JSON/sweep" --jobs "${SWEEP_JOBS:-16}" \
+        --time-limit $((tl - 40 > 20 ? tl - 40 : 20)) ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
+    echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
+    tail -5 "$OUT/sweep.log" | tee -a "$LOG"
+  fi
 fi
 if compgen -G "$JSON/*" > /dev/null; then tar -czf "$OUT/results.tgz" -C "$JSON" . && rm -rf "$JSON"; fi
 echo "== done $(date -u)" | tee -a "$LOG"
