@@ -18,6 +18,7 @@ import ssmkit.torch as sst
 from .block import _norm_eps, create_block
 from .config import MambaConfig
 from .generation import GenerationMixin
+from .mamba import Mamba
 
 CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
 
@@ -79,9 +80,12 @@ class MixerModel(nn.Module):
 class MambaLMHeadModel(nn.Module, GenerationMixin):
     """The Mamba language model. ``MambaLMHeadModel(config, device=, dtype=)`` builds a randomly
     initialised model; :meth:`from_pretrained` loads a checkpoint (upstream's layout, the
-    transformers layout, or a hub name); :meth:`generate` decodes with cached states."""
+    transformers layout, or a hub name); :meth:`generate` decodes with cached states.
+    ``context_parallel_group`` (or :meth:`set_context_parallel_group`): the sequence split over the
+    ranks of a ``torch.distributed`` group, see :mod:`ssmkit.distributed`."""
 
-    def __init__(self, config: MambaConfig, initializer_cfg=None, device=None, dtype=None):
+    def __init__(self, config: MambaConfig, initializer_cfg=None, device=None, dtype=None,
+                 context_parallel_group=None):
         super().__init__()
         self.config = config
         if config.attn_layer_idx:
@@ -96,6 +100,17 @@ class MambaLMHeadModel(nn.Module, GenerationMixin):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, **factory)
         self.apply(partial(_init_weights, n_layer=config.n_layer, **(initializer_cfg or {})))
         self.tie_weights()
+        self.set_context_parallel_group(context_parallel_group)
+
+    def set_context_parallel_group(self, group):
+        """Context parallelism: every mixer runs ``ssmkit.distributed.mamba_inner_fn`` over
+        ``group`` (None: off). Each rank then passes its contiguous slice of the sequence
+        (input_ids (B, L_r), rank order = sequence order; ``ssmkit.distributed.shard``) and gets
+        its slice of the logits; the parameters' gradients are this rank's share (all-reduce them,
+        as data parallelism does, for the single-process gradient). Not for ``generate``."""
+        for m in self.modules():
+            if isinstance(m, Mamba):
+                m.context_parallel_group = group
 
     def tie_weights(self):
         if self.config.tie_embeddings:

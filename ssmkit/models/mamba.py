@@ -14,6 +14,11 @@ autograd node); ``use_fast_path=False`` composes causal_conv1d_fn and selective_
 ``inference_params`` the prompt runs the composed path and fills the decode states (the conv's
 last inputs and the scan's last state), and later tokens run :meth:`Mamba.step`
 (causal_conv1d_update + selective_state_update). CPU tensors run the float64 reference path.
+
+Context parallelism: with ``context_parallel_group`` (a ``torch.distributed`` process group, also
+settable as an attribute) each rank's hidden_states hold a contiguous slice of L in rank order,
+and the forward runs ``ssmkit.distributed.mamba_inner_fn`` (the conv's halo and the scan's
+carries cross ranks, never activations); not with ``inference_params``.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _weight_dtype(dtype):
 class Mamba(nn.Module):
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
-                 use_fast_path=True, layer_idx=None, device=None, dtype=None):
+                 use_fast_path=True, layer_idx=None, device=None, dtype=None, context_parallel_group=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = d_model
@@ -45,6 +50,7 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
+        self.context_parallel_group = context_parallel_group
         self.activation = "silu"
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
@@ -105,6 +111,15 @@ class Mamba(nn.Module):
         wdt = _weight_dtype(xz.dtype)
         A = -torch.exp(self.A_log.to(wdt))
         D, dt_bias = self.D.to(wdt), self.dt_proj.bias.to(wdt)
+        if self.context_parallel_group is not None:
+            if inference_params is not None:
+                raise NotImplementedError("Mamba: context_parallel_group does not support inference_params "
+                                          "(decoding); set it to None for generation")
+            from ssmkit.distributed import mamba_inner_fn as cp_inner_fn
+
+            return cp_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                               self.out_proj.weight, self.out_proj.bias, A, None, None, D, delta_bias=dt_bias,
+                               delta_softplus=True, group=self.context_parallel_group)
         if self.use_fast_path and inference_params is None:
             return sst.mamba_inner_fn(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                                       self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias, A,
