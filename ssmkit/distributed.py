@@ -358,42 +358,13 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     lengths = _agree("mamba_inner_fn", group, xz.device, "(B, 2D, N, W, R, x_proj rows, out_dim, dtypes, "
                      "which optional arguments are given)", local, xz.shape[-1])
 
-    L = xz.shape[-1]
-    batch = xz.shape[0]
-    delta_rank = delta_proj_weight.shape[1]
-    d_state = A.shape[-1] * (2 if A.is_complex() else 1)
-    dt = sst._autocast_dtype(xz.device.type)
-    if dt is not None:               # as upstream: weights in the autocast dtype
-        x_proj_weight = x_proj_weight.to(dt)
-        delta_proj_weight = delta_proj_weight.to(dt)
-        out_proj_weight = out_proj_weight.to(dt)
-        out_proj_bias = out_proj_bias.to(dt) if out_proj_bias is not None else None
-    x, z = xz.chunk(2, dim=1)
-    dim = x.shape[1]
-    weight = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])      # (D, 1, W) -> (D, W)
-    conv_out = _conv(x, weight, conv1d_bias, None, False, None, "silu", lengths, group)  # (B, D, L)
-    in_dtype = conv_out.dtype
-    x_dbl = F.linear(conv_out.transpose(1, 2).reshape(batch * L, dim), x_proj_weight)   # (B L, R + 2N)
-    delta = (delta_proj_weight @ x_dbl[:, :delta_rank].t()).view(dim, batch, L).transpose(0, 1)
-    if dt_rms_weight is not None:
-        delta = sst._rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
-    delta = delta.to(in_dtype)
+    def conv(x, weight, bias):
+        return _conv(x, weight, bias, None, False, None, "silu", lengths, group)
 
-    def variable(cols, proj_bias, rms_weight):
-        X = cols
-        if proj_bias is not None:
-            X = X + proj_bias.to(dtype=X.dtype)
-        if rms_weight is not None:
-            X = sst._rms_norm(X, rms_weight, b_c_dt_rms_eps)
-        if not A.is_complex():       # (B L, N) -> (B, 1, N, L), L contiguous
-            return X.to(in_dtype).view(batch, L, d_state).transpose(1, 2).unsqueeze(1).contiguous()
-        real = torch.float64 if in_dtype == torch.float64 else torch.float32
-        Xc = torch.view_as_complex(X.to(real).view(batch, L, d_state // 2, 2).contiguous())
-        return Xc.transpose(1, 2).unsqueeze(1).contiguous()
+    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        return _scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, None, group)
 
-    if B is None:
-        B = variable(x_dbl[:, delta_rank:delta_rank + d_state], B_proj_bias, b_rms_weight)
-    if C is None:
-        C = variable(x_dbl[:, -d_state:], C_proj_bias, c_rms_weight)
-    y = _scan(conv_out, delta, A, B, C, D, z, delta_bias, delta_softplus, False, None, group)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    return sst._mamba_inner_composed(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                                     out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
+                                     C_proj_bias, delta_softplus, b_rms_weight, c_rms_weight, dt_rms_weight,
+                                     b_c_dt_rms_eps, conv=conv, scan=scan)

@@ -229,6 +229,26 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         return MambaInnerFunction.apply(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                                         out_proj_weight, out_proj_bias, A, D, delta_bias, bool(delta_softplus),
                                         checkpoint_lvl)
+    return _mamba_inner_composed(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                                 out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                                 b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps)
+
+
+def _conv_silu(x, weight, bias):
+    return causal_conv1d_fn(x, weight, bias, activation="silu")
+
+
+def _scan_gated(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+def _mamba_inner_composed(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                          out_proj_bias, A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                          b_rms_weight, c_rms_weight, dt_rms_weight, b_c_dt_rms_eps,
+                          conv=_conv_silu, scan=_scan_gated):
+    """``mamba_inner_fn`` composed from differentiable pieces: ``conv(x, weight (D, W), bias)``
+    (causal conv1d + silu) and ``scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)``;
+    ``ssmkit.distributed`` passes its split versions of both."""
     L = xz.shape[-1]
     batch = xz.shape[0]
     delta_rank = delta_proj_weight.shape[1]
@@ -242,11 +262,11 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
     x, z = xz.chunk(2, dim=1)
     dim = x.shape[1]
     weight = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])   # (D, 1, W) -> (D, W)
-    conv_out = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu")             # (B, D, L)
+    conv_out = conv(x, weight, conv1d_bias)                                             # (B, D, L)
     in_dtype = conv_out.dtype
     x_dbl = F.linear(conv_out.transpose(1, 2).reshape(batch * L, dim), x_proj_weight)  # (B L, R + 2N)
     # delta: (D, B L) viewed as (B, D, L) with L innermost, as the scan reads it.
-    delta = (delta_proj_weight @ x_dbl[:, :delta_rank].t()).view(-1, batch, L).transpose(0, 1)
+    delta = (delta_proj_weight @ x_dbl[:, :delta_rank].t()).view(dim, batch, L).transpose(0, 1)
     if dt_rms_weight is not None:
         delta = _rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
     delta = delta.to(in_dtype)
@@ -268,5 +288,5 @@ def mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_wei
         B = variable(x_dbl[:, delta_rank:delta_rank + d_state], B_proj_bias, b_rms_weight)
     if C is None:
         C = variable(x_dbl[:, -d_state:], C_proj_bias, c_rms_weight)
-    y = selective_scan_fn(conv_out, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    y = scan(conv_out, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
