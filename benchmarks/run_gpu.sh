@@ -2,8 +2,9 @@
 # The one GPU job: the GPU test suite, the benchmarks and compute-sanitizer, writing logs and
 # JSON under $OUT (at most 8 files come back from the device tool).
 #
-#   bash benchmarks/run_gpu.sh [tests] [bench] [model] [sanitize] [demo] [sweep]
-#   (default: the first five; sweep = the accuracy sweep, benchmarks/sweep_accuracy.py)
+#   bash benchmarks/run_gpu.sh [tests] [bench] [probe] [model] [sanitize] [demo] [sweep]
+#   (default: tests bench model sanitize demo; probe = PROBES="probe_x ..." from benchmarks/;
+#   sweep = the accuracy sweep, benchmarks/sweep_accuracy.py)
 #
 # Files: run.log (summary), tests.log, sanitize.log, and results.tgz holding the benchmarks' JSON
 # (selective_scan, causal_conv1d, decode, torch_overhead, layer_norm, model, generation) and plots:
@@ -51,6 +52,15 @@ if [[ " $steps " == *" bench "* ]]; then
     t0=$SECONDS
     timeout $tl $PY "benchmarks/bench_$b.py" --out "$JSON" >> "$LOG" 2>&1
     echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
+  done
+fi
+if [[ " $steps " == *" probe "* ]]; then
+  for pr in ${PROBES:-probe_decode_stream}; do
+    tl=$(left ${PROBE_TIMEOUT:-60}); (( tl == 0 )) && { echo "skip $pr (deadline)" | tee -a "$LOG"; continue; }
+    echo "== $pr" | tee -a "$LOG"
+    t0=$SECONDS
+    timeout $tl $PY "benchmarks/$pr.py" --out "$JSON" 2>&1 | tail -20 | tee -a "$LOG"
+    echo "rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$LOG"
   done
 fi
 if [[ " $steps " == *" model "* ]]; then
