@@ -6,7 +6,7 @@
 #   (default: tests bench model sanitize demo; probe = PROBES="probe_x ..." from benchmarks/;
 #   sweep = the accuracy sweep, benchmarks/sweep_accuracy.py)
 #
-# Files: run.log (summary), tests.log, sanitize.log, and results.tgz holding the benchmarks' JSON
+# Files: run.log (summary), tests.log, tests_large.log, sanitize.log, sweep.log, and results.tgz holding the benchmarks' JSON
 # (selective_scan, causal_conv1d, decode, torch_overhead, layer_norm, model, generation) and plots:
 # the device tool brings back at most 8 files. BENCHES=... picks the kernel benchmarks.
 set -uo pipefail
@@ -39,10 +39,21 @@ LOG="$OUT/run.log"
 if [[ " $steps " == *" tests "* ]]; then
   echo "== GPU tests (-m gpu, $JOBS workers)" | tee -a "$LOG"
   t0=$SECONDS
+  # test_large_shapes runs alone afterwards: each of its tests takes up to ~33 GiB and NaN-fills
+  # up to 48 GiB of CuPy's pool, which would starve (or skip) the tests running beside it.
   timeout $(left ${TEST_TIMEOUT:-330}) $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="-ra" \
-      -n "$JOBS" ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+      -n "$JOBS" --ignore=tests/test_large_shapes.py ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
   echo "pytest rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30 | tee -a "$LOG"
+  tl=$(left ${LARGE_TIMEOUT:-150})
+  if (( tl > 0 )) && [[ -z "${PYTEST_ARGS:-}" ]]; then
+    echo "== GPU tests: test_large_shapes.py, one process" | tee -a "$LOG"
+    t0=$SECONDS
+    timeout $tl $PY -m pytest tests/test_large_shapes.py -m gpu -q -p no:cacheprovider -o addopts="-ra" \
+        -p no:xdist > "$OUT/tests_large.log" 2>&1
+    echo "pytest rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_large.log" | tail -12 | tee -a "$LOG"
+  fi
 fi
 if [[ " $steps " == *" bench "* ]]; then
   for b in ${BENCHES:-selective_scan causal_conv1d decode torch_overhead layer_norm}; do
