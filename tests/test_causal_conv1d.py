@@ -16,6 +16,7 @@ from ssmkit.reference import causal_conv1d as ref_fwd, causal_conv1d_bwd as ref_
 from ssmkit.reference import causal_conv1d_update as ref_update
 
 from compare import assert_close
+from gpu_examples import shards
 from strategies import conv_problems, conv_update_problems
 
 F64 = np.float64
@@ -601,11 +602,12 @@ def _check_fwd(p, xd, wd, layout, rfs, poison_out):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shard", shards(40, 0.5))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=conv_problems(max_batch=2, max_dim=40, max_seqlen=300), dt=st.sampled_from(HYP_DTYPES),
        layout=st.sampled_from(LAYOUTS), rfs=st.booleans(), poison_out=st.booleans(),
        swish=st.booleans())
-def test_gpu_fwd_hypothesis(p, dt, layout, rfs, poison_out, swish):
+def test_gpu_fwd_hypothesis(shard, p, dt, layout, rfs, poison_out, swish):
     p = dict(p)
     if swish and p["activation"] == "silu":
         p["activation"] = "swish"
@@ -752,10 +754,11 @@ def _check_bwd(p, xd, wd, layout, use_dfinal, seed=0, dout_layout=None):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shard", shards(40, 0.5))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=conv_problems(max_batch=2, max_dim=40, max_seqlen=300), dt=st.sampled_from(HYP_DTYPES),
        layout=st.sampled_from(LAYOUTS), use_dfinal=st.booleans(), seed=st.integers(0, 2**31))
-def test_gpu_bwd_hypothesis(p, dt, layout, use_dfinal, seed):
+def test_gpu_bwd_hypothesis(shard, p, dt, layout, use_dfinal, seed):
     _check_bwd(dict(p), dt[0], dt[1], layout, use_dfinal, seed)
 
 
@@ -879,10 +882,11 @@ def _check_update(p, xd, sd, wd, poison_out=True, state_view=False):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shard", shards(50, 1.0))
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=conv_update_problems(max_batch=4, max_dim=300, max_width=8, max_new_len=6),
        dt=st.sampled_from(UPDATE_DTYPES), poison_out=st.booleans(), state_view=st.booleans())
-def test_gpu_update_hypothesis(p, dt, poison_out, state_view):
+def test_gpu_update_hypothesis(shard, p, dt, poison_out, state_view):
     _check_update(dict(p), *dt, poison_out=poison_out, state_view=state_view)
 
 

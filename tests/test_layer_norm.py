@@ -21,6 +21,7 @@ from ssmkit.reference import layer_norm as ref_fwd, layer_norm_bwd as ref_bwd
 from ssmkit.reference.layer_norm import layer_norm_stats, residual_dtype
 
 from compare import assert_close
+from gpu_examples import shards
 
 F64, F32, F16 = np.float64, np.float32, np.float16
 
@@ -838,6 +839,29 @@ def test_gpu_dtypes_and_sizes(dts, rms, H):
                                  ("float16", "float16", "float16")], ids=lambda d: "-".join(d))
 def test_gpu_flags(rms, bias, residual, rif32, drout, dts):
     _check((4, 9, 520), *dts, rms=rms, bias=bias, residual=residual, rif32=rif32, drout=drout, seed=17)
+
+
+@st.composite
+def gpu_ln_cases(draw):
+    """One configuration for ``_check``: shape (1-3 leading dims, H from 1 to 4100, the vector
+    widths' edges included), dtypes, flags and layout."""
+    layout = draw(st.sampled_from(["c", "unaligned", "strided", "copy"]))
+    lead = tuple(draw(st.lists(st.integers(1, 6), min_size=2 if layout == "copy" else 1, max_size=2)))
+    H = draw(st.one_of(st.integers(1, 300), st.sampled_from([511, 512, 1024, 2048, 2051, 4096, 4100])))
+    return dict(shape=lead + (H,), dts=draw(st.sampled_from(DTYPE_SETS)), rms=draw(st.booleans()),
+                bias=draw(st.booleans()), residual=draw(st.booleans()), rif32=draw(st.booleans()), layout=layout,
+                drout=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shard", shards(40))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=gpu_ln_cases())
+def test_gpu_property(shard, case):
+    """Hypothesis over shapes, dtypes, flags and layouts: forward, statistics and backward against
+    the float64 reference (issue 13: >= 1000 GPU examples per op, ``gpu_examples``)."""
+    _check(case["shape"], *case["dts"], rms=case["rms"], bias=case["bias"], residual=case["residual"],
+           rif32=case["rif32"], layout=case["layout"], drout=case["drout"], seed=case["seed"])
 
 
 @pytest.mark.gpu

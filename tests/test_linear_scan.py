@@ -10,6 +10,7 @@ from ssmkit.ops import linear_scan as op
 from ssmkit.reference import linear_scan as ref_scan, linear_scan_bwd as ref_bwd
 
 from compare import assert_close
+from gpu_examples import shards
 from gpu_util import as64, poison, rounded, sync_check, to_device
 
 
@@ -51,11 +52,12 @@ DTYPES = ["float32", "float64", "complex64", "complex128", "bfloat16", "float16"
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shard", shards(40))
 @settings(max_examples=40, deadline=None)
 @given(dtype=st.sampled_from(DTYPES), lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
        L=st.sampled_from([1, 2, 7, 255, 256, 257, 1000]), reverse=st.booleans(),
        with_init=st.booleans(), seed=st.integers(0, 2**31))
-def test_gpu_forward_backward(dtype, lead, L, reverse, with_init, seed):
+def test_gpu_forward_backward(shard, dtype, lead, L, reverse, with_init, seed):
     rng = np.random.default_rng(seed)
     cplx = dtype.startswith("complex")
     a, b, init = _problem(rng, tuple(lead) + (L,), cplx)

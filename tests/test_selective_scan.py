@@ -12,6 +12,7 @@ from ssmkit.ops import selective_scan as op
 from ssmkit.reference import selective_scan as ref_fwd, selective_scan_bwd as ref_bwd
 
 from compare import assert_close
+from gpu_examples import shards
 from gpu_util import as64, poison, rounded, sync_check, to_device
 from strategies import scan_specs, ScanSpec
 
@@ -207,18 +208,20 @@ IN_DTYPES = ["float32", "float64", "bfloat16", "float16"]
 
 
 @pytest.mark.gpu
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.parametrize("shard", shards(50, 0.5))
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=scan_specs(max_seqlen=600, max_dim=12, max_dstate=20), in_dtype=st.sampled_from(IN_DTYPES))
-def test_gpu_forward(spec, in_dtype):
+def test_gpu_forward(shard, spec, in_dtype):
     spec = kernel_spec(spec)
     got, want, _ = run_both(spec.build(), in_dtype, False, np.random.default_rng(spec.seed))
     check_forward(got, want, in_dtype, spec.complex_A)
 
 
 @pytest.mark.gpu
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.parametrize("shard", shards(50, 0.5))
+@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=scan_specs(max_seqlen=600, max_dim=12, max_dstate=20), in_dtype=st.sampled_from(IN_DTYPES))
-def test_gpu_backward(spec, in_dtype):
+def test_gpu_backward(shard, spec, in_dtype):
     spec = kernel_spec(spec)
     got, _, want = run_both(spec.build(), in_dtype, True, np.random.default_rng(spec.seed))
     check_backward(got, want, in_dtype, spec.complex_A)

@@ -15,6 +15,7 @@ from ssmkit.ops import selective_state_update as op
 from ssmkit.reference import selective_scan as ref_scan, selective_state_update as ref_ssu
 
 from compare import assert_close
+from gpu_examples import shards
 from strategies import ssu_problems
 
 ARGS = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "state_batch_indices")
@@ -716,10 +717,11 @@ def _expand_along_p(dev, host):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shard", shards(40, 1.0))
 @settings(max_examples=40, deadline=None)
 @given(p=ssu_problems(max_dstate=40, max_headdim=9, max_dim=40), dts=st.sampled_from(STATE_IN),
        expand=st.booleans(), idx64=st.booleans())
-def test_gpu_matches_reference(p, dts, expand, idx64):
+def test_gpu_matches_reference(shard, p, dts, expand, idx64):
     from gpu_util import as64
 
     state_dtype, in_dtype = dts
