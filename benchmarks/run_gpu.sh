@@ -70,7 +70,8 @@ if [[ " $steps " == *" probe "* ]]; then
     tl=$(left ${PROBE_TIMEOUT:-60}); (( tl == 0 )) && { echo "skip $pr (deadline)" | tee -a "$LOG"; continue; }
     echo "== $pr" | tee -a "$LOG"
     t0=$SECONDS
-    timeout $tl $PY "benchmarks/$pr.py" --out "$JSON" 2>&1 | tail -20 | tee -a "$LOG"
+    # the whole output in probes.log (one file for all probes: the tool brings back 8 files)
+    timeout $tl $PY "benchmarks/$pr.py" --out "$JSON" 2>&1 | tee -a "$OUT/probes.log" | tail -20 | tee -a "$LOG"
     echo "rc=${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$LOG"
   done
 fi

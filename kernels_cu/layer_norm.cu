@@ -1,7 +1,7 @@
 // layer_norm.cu: fused residual add + LayerNorm / RMSNorm over the last axis (mamba_ssm's
 // layer_norm_fn / rms_norm_fn), forward and backward.
 //
-//   s = x + residual (or x);  residual_out = s   (in the residual stream's type TRes)
+//   s = x + residual (or x), rounded to the residual stream's type TRes;  residual_out = s
 //   LayerNorm: mean = sum(s) / H, rstd = 1 / sqrt(sum((s - mean)^2) / H + eps), xhat = (s - mean) rstd
 //   RMSNorm:   rstd = 1 / sqrt(sum(s^2) / H + eps), xhat = s rstd
 //   y = xhat * weight + bias
@@ -234,6 +234,16 @@ __global__ void __launch_bounds__(kLnMaxThreads, SSMKIT_LN_FWD_MIN_BLOCKS) layer
 #pragma unroll
                 for (int j = 0; j < kVec; ++j) v[i][j] += rv[j];
             }
+        }
+        // Statistics and y come from s as residual_out stores it (rounded to a 16-bit TRes):
+        // the backward reads residual_out, so it then differentiates exactly what was computed.
+        // (With the unrounded sum, as mamba_ssm does, a row whose variance is near the rounding
+        // error, H = 1 LayerNorm for one, got dx off by 100x in bf16 on the H100.)
+        if (sizeof(TRes) < sizeof(R) && res != nullptr) {
+#pragma unroll
+            for (int i = 0; i < kIters; ++i)
+#pragma unroll
+                for (int j = 0; j < kVec; ++j) v[i][j] = (R)to_acc(Convert<TRes>::from(v[i][j]));
         }
         if (rout != nullptr) {
 #pragma unroll

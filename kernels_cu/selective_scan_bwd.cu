@@ -196,9 +196,8 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             S h_start = S(0);
             if (c > 0) h_start = w.saved[(c - 1) * N + n];
             else if (w.init) h_start = w.init[n * p.init_n];
-            const S h_in = at * h_start + bt;
+            S h_in = at * h_start + bt;
             S hv = h_in;
-            S sC = S(0);      // constant C: this lane's share of dC
             Vec<S, T> vdc;
 #pragma unroll
             for (int i = 0; i < T; ++i) {
@@ -207,9 +206,30 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
                 if (kVarC) {
                     vdc.e[i] = conj_times(dy[i], hv);
                     if (i % kPerWord == kPerWord - 1) slC[i / kPerWord] = vdc.w[i / kPerWord];
-                } else {
-                    sC += conj_times(dy[i], hv);
                 }
+            }
+            // The tail chunk's padding steps (t >= L) replay h_{L-1} forward, and their zero dy
+            // and delta multiply it into the constant-C and dA sums: 0 * NaN would turn a NaN or
+            // Inf that the reference confines to ddelta/du/dB at step L-1 into NaN in dA and dC
+            // (seen on the H100: a NaN in u at the last step). So, in that chunk only (a
+            // warp-uniform branch, no cost per step elsewhere): padding states read as 0 for the
+            // dC sum, then h_{L-1} too, as the previous state of the first padding step.
+            const bool tail = !kFast && c0 + kBwdChunk > L;
+            if (tail) {
+#pragma unroll
+                for (int i = 0; i < T; ++i)
+                    if (t0 + i >= L) h[i] = S(0);
+            }
+            S sC = S(0);      // constant C: this lane's share of dC
+            if (!kVarC) {
+#pragma unroll
+                for (int i = 0; i < T; ++i) sC += conj_times(dy[i], h[i]);
+            }
+            if (tail) {
+#pragma unroll
+                for (int i = 0; i < T; ++i)
+                    if (t0 + i + 1 >= L) h[i] = S(0);
+                if (t0 >= L) h_in = S(0);
             }
             // 2. adjoint: local pass with zero carry, then the reverse warp scan
             S q = S(0);

@@ -56,8 +56,13 @@ def _xhat(s64, mean, rstd):
 
 def layer_norm(x, weight, bias=None, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False,
                is_rms_norm=False):
-    """out (x's shape and dtype), or (out, residual_out) with ``prenorm``."""
-    s = as64(x) if residual is None else as64(x) + as64(residual)
+    """out (x's shape and dtype), or (out, residual_out) with ``prenorm``.
+
+    The sum x + residual is rounded to residual_out's dtype before it is normalized (as ssmkit's
+    kernel does; mamba_ssm normalizes the unrounded fp32 sum): the backward reads residual_out,
+    so the gradient is then exactly that of the function computed. In float64 nothing rounds."""
+    rdt = residual_dtype(x.dtype, None if residual is None else residual.dtype, residual_in_fp32)
+    s = as64(x) if residual is None else as64((as64(x) + as64(residual)).astype(rdt))
     mean, rstd = layer_norm_stats(s, eps, is_rms_norm)
     out = _xhat(s, mean, rstd) * as64(weight)
     if bias is not None:
@@ -65,7 +70,6 @@ def layer_norm(x, weight, bias=None, residual=None, eps=1e-6, prenorm=False, res
     out = out.astype(x.dtype)
     if not prenorm:
         return out
-    rdt = residual_dtype(x.dtype, None if residual is None else residual.dtype, residual_in_fp32)
     if residual is None and rdt == x.dtype:
         return out, x
     return out, s.astype(rdt)

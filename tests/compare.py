@@ -21,7 +21,12 @@ GRAD_FACTOR = 3.0
 def to_numpy(x) -> np.ndarray:
     if x is None:
         return None
-    if hasattr(x, "get"):
+    if hasattr(x, "detach") and hasattr(x, "cpu"):      # torch tensor, on any device
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    if hasattr(x, "get"):                                # CuPy array
         x = x.get()
     x = np.asarray(x)
     if x.dtype.name == "bfloat16" or str(x.dtype) == "bfloat16":

@@ -17,7 +17,8 @@ V = 61   # padded to 64 rows
 
 def tiny(seed=0, dtype=torch.float64, device="cpu", **kw):
     torch.manual_seed(seed)
-    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=V, ssm_cfg={"d_state": 8}, **kw)
+    kw = {"d_model": 32, "n_layer": 2, "vocab_size": V, "ssm_cfg": {"d_state": 8}, **kw}
+    cfg = MambaConfig(**kw)
     m = MambaLMHeadModel(cfg, device=device, dtype=dtype)
     with torch.no_grad():   # larger embeddings than the 0.02 init: logits that differ clearly
         m.backbone.embedding.weight.normal_(0, 1.0)
