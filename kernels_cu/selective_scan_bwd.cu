@@ -187,10 +187,13 @@ __device__ __forceinline__ void bwd_chunk(const SelectiveScanParams& p, const Bw
             S bt = S(0);
 #pragma unroll
             for (int i = 0; i < T; ++i) {
-                dA[i] = gate(dl[i], A2);
+                // A padding step (tail chunk only: kFast chunks have none) is the identity map,
+                // so a NaN/Inf A cannot reach, through exp(0 * A), the adjoint of step L-1 that
+                // the reference keeps finite (dlast_state enters at the chunk's end).
+                dA[i] = (kFast || t0 + i < L) ? gate(dl[i], A2) : S(1);
                 bt = dA[i] * bt + Bv(i) * u[i];
             }
-            const S a_own = gate(sum_dl, A2);
+            const S a_own = (kFast || t0 < L) ? gate(sum_dl, A2) : S(1);
             S at = a_own;
             warp_exclusive_scan(at, bt, lane);
             S h_start = S(0);
