@@ -9,6 +9,9 @@
 # Files: run.log (summary), tests.log, tests_large.log, sanitize.log, sweep.log, and results.tgz holding the benchmarks' JSON
 # (selective_scan, causal_conv1d, decode, torch_overhead, layer_norm, model, generation) and plots:
 # the device tool brings back at most 8 files. BENCHES=... picks the kernel benchmarks.
+# PYTEST_ARGS=... (split on spaces) and PYTEST_K="expr with spaces" (one -k) narrow the suite
+# (either one skips the large-shape step). The repository is the device's working tree as sent:
+# do not `git stash` there (the device's git HEAD is the landed commit; a stash reverts to it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ssmkit_gpu_out}
@@ -42,11 +45,11 @@ if [[ " $steps " == *" tests "* ]]; then
   # test_large_shapes runs alone afterwards: each of its tests takes up to ~33 GiB and NaN-fills
   # up to 48 GiB of CuPy's pool, which would starve (or skip) the tests running beside it.
   timeout $(left ${TEST_TIMEOUT:-330}) $PY -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="-ra" \
-      -n "$JOBS" --ignore=tests/test_large_shapes.py ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1
+      -n "$JOBS" --ignore=tests/test_large_shapes.py ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/tests.log" 2>&1
   echo "pytest rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30 | tee -a "$LOG"
   tl=$(left ${LARGE_TIMEOUT:-150})
-  if (( tl > 0 )) && [[ -z "${PYTEST_ARGS:-}" ]]; then
+  if (( tl > 0 )) && [[ -z "${PYTEST_ARGS:-}${PYTEST_K:-}" ]]; then
     echo "== GPU tests: test_large_shapes.py, one process" | tee -a "$LOG"
     t0=$SECONDS
     timeout $tl $PY -m pytest tests/test_large_shapes.py -m gpu -q -p no:cacheprovider -o addopts="-ra" \
