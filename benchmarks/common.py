@@ -88,6 +88,19 @@ def randn(shape, dtype: str, scale: float = 1.0):
     return a.astype(dtype)
 
 
+def device_copy_rate(nbytes: int = 1 << 30) -> float:
+    """Bytes/s (read + write counted) of a device-to-device copy of ``nbytes`` on the current GPU,
+    median of CUDA-event timings: the same-card limit a streaming kernel is held to. (HBM_RW is the
+    H200's; on another card, e.g. the H100 the device tool also lends, fractions of it mislead.)"""
+    import cupy
+
+    src = cupy.empty(nbytes // 4, cupy.float32)
+    dst = cupy.empty_like(src)
+    src.fill(1.0)
+    ms = time_cuda(lambda: cupy.copyto(dst, src), warmup=3, iters=20)
+    return 2 * nbytes / (ms * 1e-3)
+
+
 def hbm_fraction(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / HBM_RW
 
