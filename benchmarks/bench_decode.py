@@ -96,9 +96,10 @@ def host_us(fn, n=3000):
     return round(t, 2)
 
 
-def bench_ssu(B, D, N, anchors, quick):
+def ssu_inputs(B, D, N):
+    """The ssu_step rows' inputs (bf16 activations, fp32 state / A / D / dt_bias, as the anchors):
+    (states Rotation, x, dt, A, B, C, kw) with kw = D, z, dt_bias, dt_softplus and a bf16 out."""
     import cupy
-    import ssmkit
 
     rng = cupy.random.default_rng(B * 7 + D)
     act = lambda *shape, lo=None, hi=None: (  # noqa: E731
@@ -111,7 +112,14 @@ def bench_ssu(B, D, N, anchors, quick):
     Dv = rng.standard_normal(D, dtype=cupy.float32)
     bias = rng.uniform(-0.5, 0.5, D, dtype=cupy.float32)
     out = cupy.empty((B, D), dtype=bf16())
-    kw = dict(D=Dv, z=z, dt_bias=bias, dt_softplus=True, out=out)
+    return states, x, dt, A, Bm, Cm, dict(D=Dv, z=z, dt_bias=bias, dt_softplus=True, out=out)
+
+
+def bench_ssu(B, D, N, anchors, quick):
+    import cupy
+    import ssmkit
+
+    states, x, dt, A, Bm, Cm, kw = ssu_inputs(B, D, N)
 
     def call():
         ssmkit.selective_state_update(states.next(), x, dt, A, Bm, Cm, **kw)

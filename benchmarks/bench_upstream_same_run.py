@@ -235,29 +235,13 @@ def case_conv_update(spec, up):
 
 
 def case_ssu(spec, up):
-    import cupy
-    import numpy as np
     import ssmkit
     import ssmkit.torch as st
 
-    from benchmarks.bench_decode import Rotation, bf16
+    from benchmarks.bench_decode import ssu_inputs
 
-    B, D, N = spec["B"], spec["D"], spec["N"]
-    rng = cupy.random.default_rng(B * 7 + D)
-
-    def act(*shape, lo=None, hi=None):
-        x = (rng.uniform(lo, hi, shape, dtype=cupy.float32) if lo is not None
-             else rng.standard_normal(shape, dtype=cupy.float32))
-        return x.astype(bf16())
-
-    states = Rotation((B, D, N), np.float32, lambda s: rng.standard_normal(s, dtype=cupy.float32))
-    x, dt, z = act(B, D), act(B, D, lo=-4.0, hi=0.5), act(B, D)
-    Bm, Cm = act(B, N), act(B, N)
-    A = -cupy.exp(rng.standard_normal((D, N), dtype=cupy.float32))
-    Dv = rng.standard_normal(D, dtype=cupy.float32)
-    bias = rng.uniform(-0.5, 0.5, D, dtype=cupy.float32)
-    out = cupy.empty((B, D), dtype=bf16())
-    kw = dict(D=Dv, z=z, dt_bias=bias, dt_softplus=True, out=out)
+    states, x, dt, A, Bm, Cm, kw = ssu_inputs(spec["B"], spec["D"], spec["N"])
+    Dv, z, bias, out = kw["D"], kw["z"], kw["dt_bias"], kw["out"]
     T = {k: to_torch(v) for k, v in dict(x=x, dt=dt, A=A, B=Bm, C=Cm, D=Dv, z=z, dt_bias=bias).items()}
     states_t = [to_torch(s) for s in states.buffers]
     nxt_u, nxt_t = _cycle(states_t), _cycle(states_t)
