@@ -478,14 +478,14 @@ def _numpy_forward(spec, x, weight, bias, residual, out, save, want_rout):
 
     y, rout = ref(x, weight, bias, residual, spec.eps, prenorm=True,
                   residual_in_fp32=spec.rdtype != spec.dtype and residual is None, is_rms_norm=spec.rms)
-    # The statistics of the sum as residual_out stores it (rounded to its dtype), as the
-    # reference and the kernel normalize it.
-    s = x.astype(np.float64) if residual is None else rout.astype(np.float64)
     if out is not None:
         out[...] = y
         y = out
     mean = rstd = None
     if save:
+        # The statistics of the sum as residual_out stores it (rounded to its dtype), as the
+        # reference and the kernel normalize it.
+        s = x.astype(np.float64) if residual is None else rout.astype(np.float64)
         m, r = layer_norm_stats(s, spec.eps, spec.rms)
         acc = ACC_DTYPE[spec.dtype]
         rstd = np.asarray(r, dtype=acc)              # 0-d arrays (not scalars) for a 1-D x
